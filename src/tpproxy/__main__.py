@@ -1,0 +1,7 @@
+"""`python -m tpproxy`."""
+
+import sys
+
+from tpproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""`tpproxy`: run the forwarding engine, or check an agent config file.
+
+Exit codes: 0 stopped cleanly, 1 a port could not be bound, 2 bad settings or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from tpproxy import __version__
+from tpproxy.config import ConfigError, listeners, load_sidecar
+from tpproxy.engine import ListenError
+from tpproxy.logs import setup_logging
+from tpproxy.server import Proxy, load
+from tpproxy.settings import ProxySettings, load_settings
+
+EXIT_LISTEN = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("tpproxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpproxy", description="Traffic-agent forwarding engine (Telepresence 2.6 compatible)."
+    )
+    parser.add_argument("--version", action="version", version=f"tpproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="forward every agent port of a config to its app port",
+        description="Every flag can also be set as TPPROXY_<FLAG> (e.g. TPPROXY_DRAIN_TIMEOUT); "
+        "flags win over the environment.",
+    )
+    run.add_argument("--config", "-c", help="agent config file (the sidecar's config.yaml)")
+    run.add_argument(
+        "--forward",
+        action="append",
+        metavar="PORT=HOST:PORT",
+        help="also forward a listen port to an address (repeatable)",
+    )
+    run.add_argument("--listen-host", help="address to bind agent ports on (default 0.0.0.0)")
+    run.add_argument("--app-host", help="where app containers listen (default 127.0.0.1)")
+    run.add_argument("--admin", help="HOST:PORT for /livez /readyz /metrics, or 'off'")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["plain", "json"])
+    run.add_argument("--drain-timeout", type=float, help="seconds to drain after SIGTERM")
+    run.add_argument("--connect-timeout", type=float, help="seconds to wait for a target")
+    run.add_argument("--backlog", type=int, help="listen backlog per port")
+
+    check = sub.add_parser("check-config", help="validate an agent config file and list its ports")
+    check.add_argument("path")
+    return parser
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"tpproxy: error: {message}", file=sys.stderr)
+    return code
+
+
+def _check_config(path: str) -> int:
+    try:
+        sidecar = load_sidecar(path)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    for listener in listeners(sidecar):
+        names = ", ".join(
+            f"{i.service_name}:{i.service_port_name or i.service_port}" for i in listener.intercepts
+        )
+        print(
+            f"{listener.agent_port}/{listener.protocol} -> {listener.container_name}:"
+            f"{listener.container_port}  ({names})"
+        )
+    return 0
+
+
+async def _serve(settings: ProxySettings) -> int:
+    try:
+        _, routes = load(settings)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    proxy = Proxy(settings)
+    try:
+        await proxy.start(routes)
+    except ListenError as exc:
+        return _fail(EXIT_LISTEN, str(exc))
+    return await proxy.run_until_stopped()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `tpproxy` and `python -m tpproxy`."""
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.path)
+    try:
+        settings = load_settings(vars(args))
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    if not settings.config and not settings.forward:
+        return _fail(EXIT_CONFIG, "give --config PATH (or TPPROXY_CONFIG) or a --forward")
+    setup_logging(settings.log_level, settings.log_format)
+    return uvloop.run(_serve(settings))

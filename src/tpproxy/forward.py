@@ -1,0 +1,216 @@
+"""Bidirectional byte forwarding between two transports, with flow control and half-close.
+
+Each forwarded connection is a pair of `asyncio.Protocol`s that write straight into each other's
+transport: no streams, no queues, no copies beyond the kernel's. Flow control is the transports'
+own: when one side's write buffer passes its high-water mark, the other side stops reading until
+it drains. EOF one way is passed on with `write_eof` while the other way keeps flowing; a reset
+on one side resets the other at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import cast
+
+from tpproxy.stats import TrafficStats
+from tpproxy.targets import Target, connect
+
+log = logging.getLogger("tpproxy.forward")
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class _Relay(asyncio.Protocol):
+    """One side of a forwarded connection; `peer` is the other side once both are connected."""
+
+    __slots__ = ("closed", "eof", "peer", "stats", "transport")
+
+    transport: asyncio.Transport
+    peer: _Relay | None
+    stats: TrafficStats
+
+    def __init__(self) -> None:
+        self.peer = None
+        self.eof = False
+        self.closed = False
+
+    def pause_writing(self) -> None:
+        # Our write buffer is full of the peer's bytes: stop reading the peer until it drains.
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.closed:
+            return False
+        if peer.eof:
+            # Both directions are finished: close both, flushing what is buffered.
+            peer.transport.close()
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
+            return True  # keep our side open: the other direction may still be sending to us
+        peer.transport.close()
+        return False
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        peer = self.peer
+        if peer is None or peer.closed:
+            return
+        if exc is not None:
+            # A reset (or any error) on one side resets the other: the client sees what happened.
+            self.stats.resets += 1
+            peer.transport.abort()
+        else:
+            peer.transport.close()
+
+
+class UpstreamRelay(_Relay):
+    """The target side: bytes received here go to the client."""
+
+    __slots__ = ()
+
+    def __init__(self, client: ClientRelay) -> None:
+        super().__init__()
+        self.peer = client
+        self.stats = client.stats
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.bytes_to_client += len(data)
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+
+
+class ClientRelay(_Relay):
+    """The accepted side: it picks its target when accepted and keeps it until it closes.
+
+    `choose` is called once, at accept time, and returns the target and the counters to use;
+    this is what makes a route change affect only new connections.
+    """
+
+    __slots__ = ("_connect_timeout", "_connecting", "_on_close", "_on_open", "_pending", "_target")
+
+    def __init__(
+        self,
+        choose: Callable[[], tuple[Target, TrafficStats]],
+        on_open: Callable[[ClientRelay], None],
+        on_close: Callable[[ClientRelay], None],
+        connect_timeout: float,
+    ) -> None:
+        super().__init__()
+        target, self.stats = choose()
+        self._on_close = on_close
+        self._connect_timeout = connect_timeout
+        self._connecting: asyncio.Task[None] | None = None
+        self._target = target
+        self._on_open = on_open
+        self._pending = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        transport.pause_reading()  # nothing to forward to until the target answers
+        self._on_open(self)
+        stats = self.stats
+        stats.connections_total += 1
+        stats.connections_open += 1
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        target = self._target
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                transport, upstream = await connect(target, lambda: UpstreamRelay(self))
+        except (TimeoutError, OSError) as exc:
+            self.stats.connect_errors += 1
+            log.warning("port %d: cannot reach %s: %s", self.stats.port, target.label, _reason(exc))
+            self.transport.abort()
+            return
+        except asyncio.CancelledError:
+            self.transport.abort()
+            raise
+        except Exception:
+            self.stats.connect_errors += 1
+            log.exception("port %d: connector %s failed", self.stats.port, target.label)
+            self.transport.abort()
+            return
+        finally:
+            self._connecting = None
+        if self.closed:
+            transport.close()  # the client left while we were connecting
+            return
+        assert isinstance(upstream, UpstreamRelay)
+        self.peer = upstream
+        pending, self._pending = self._pending, b""
+        if pending:
+            upstream.transport.write(pending)
+        if self.eof:
+            # The client finished sending before the target answered: pass the EOF on now.
+            self.eof = False
+            if self.eof_received():
+                return
+            self.transport.close()
+            return
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.bytes_to_target += len(data)
+        peer = self.peer
+        if peer is None:
+            # Bytes that arrive before the target answers are held (reading is paused meanwhile).
+            self._pending += data
+            self.transport.pause_reading()
+            return
+        peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is None:
+            self.eof = True  # remembered, and passed on once connected
+            return True
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stats.connections_open -= 1
+        self._lost(exc)
+        self._on_close(self)
+
+    def abort(self) -> None:
+        """Drop the connection at once (both sides), as when a drain times out."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self.peer is not None and not self.peer.closed:
+            self.peer.transport.abort()
+        if not self.closed:
+            self.transport.abort()
+
+    @property
+    def target(self) -> Target:
+        """Where this connection was sent when it was accepted."""
+        return self._target
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

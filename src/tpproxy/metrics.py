@@ -1,0 +1,64 @@
+"""Prometheus exposition of the engine's counters, read only when `/metrics` is scraped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from tpproxy.engine import Engine
+
+_LABELS = ["port", "route", "target"]
+
+
+class EngineCollector(Collector):
+    """Turns an engine's `StatsBook` into metric families at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        opened = GaugeMetricFamily(
+            "tpproxy_connections_open", "Connections accepted and not yet closed.", labels=_LABELS
+        )
+        total = CounterMetricFamily("tpproxy_connections", "Connections accepted.", labels=_LABELS)
+        errors = CounterMetricFamily(
+            "tpproxy_connect_errors",
+            "Connections closed because their target could not be reached.",
+            labels=_LABELS,
+        )
+        resets = CounterMetricFamily(
+            "tpproxy_connection_resets", "Connections ended by a reset on one side.", labels=_LABELS
+        )
+        sent = CounterMetricFamily(
+            "tpproxy_bytes",
+            "Bytes forwarded, by direction (to_target: from clients; to_client: from targets).",
+            labels=[*_LABELS, "direction"],
+        )
+        for s in self.engine.stats.entries():
+            labels = [str(s.port), s.route, s.target]
+            opened.add_metric(labels, s.connections_open)
+            total.add_metric(labels, s.connections_total)
+            errors.add_metric(labels, s.connect_errors)
+            resets.add_metric(labels, s.resets)
+            sent.add_metric([*labels, "to_target"], s.bytes_to_target)
+            sent.add_metric([*labels, "to_client"], s.bytes_to_client)
+        listening = GaugeMetricFamily(
+            "tpproxy_listeners", "Ports the engine listens on.", value=len(self.engine.ports)
+        )
+        generation = GaugeMetricFamily(
+            "tpproxy_config_generation",
+            "How many route tables have been applied.",
+            value=self.engine.generation,
+        )
+        yield from (opened, total, errors, resets, sent, listening, generation)
+
+
+def engine_registry(engine: Engine) -> CollectorRegistry:
+    """A registry holding just this engine's metrics (no process-global state, one per engine)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine))
+    ProcessCollector(registry=registry)
+    return registry

@@ -1,0 +1,97 @@
+"""The one settings object of the `tpproxy` program, from defaults, `TPPROXY_*` env and flags.
+
+Precedence: flag > environment > default. The agent configuration itself (listeners, intercepts)
+comes from the file named by `config`; these settings are the deployment knobs around it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from tpproxy.config import ConfigError
+from tpproxy.logs import LogFormat
+from tpproxy.targets import Address
+
+ENV_PREFIX = "TPPROXY_"
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every knob of `tpproxy run`; each is also `--flag-name` and `TPPROXY_FLAG_NAME`."""
+
+    config: str = ""
+    """Agent config file (the sidecar's config.yaml). Either this or `forward` is needed."""
+    forward: tuple[str, ...] = ()
+    """Extra plain forwards `LISTEN_PORT=HOST:PORT`, for use without a cluster."""
+    listen_host: str = "0.0.0.0"
+    """Address the agent ports are bound on."""
+    app_host: str = "127.0.0.1"
+    """Where the app containers listen (the pod's loopback)."""
+    admin: str = "0.0.0.0:9180"
+    """HOST:PORT of /livez, /readyz and /metrics; `off` disables it."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: LogFormat = "plain"
+    drain_timeout: NonNegative = 20.0
+    """Seconds to wait for open connections after SIGTERM before closing them."""
+    connect_timeout: Positive = 5.0
+    """Seconds to wait for a target to accept a connection."""
+    backlog: Annotated[int, msgspec.Meta(ge=1)] = 1024
+
+    def admin_address(self) -> Address | None:
+        """The admin listen address, or None when disabled."""
+        if self.admin.lower() == "off":
+            return None
+        return Address.parse(self.admin)
+
+    def forwards(self) -> list[tuple[int, Address]]:
+        """`forward` parsed; errors name the flag and the bad value."""
+        parsed = []
+        for item in self.forward:
+            port_text, sep, dest = item.partition("=")
+            if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ConfigError(f"--forward {item!r}: expected LISTEN_PORT=HOST:PORT")
+            try:
+                parsed.append((int(port_text), Address.parse(dest)))
+            except ValueError as exc:
+                raise ConfigError(f"--forward {item!r}: {exc}") from None
+        return parsed
+
+
+FIELDS = ProxySettings.__struct_fields__
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The `TPPROXY_*` variables that name a setting; `forward` takes a comma-separated list."""
+    found: dict[str, Any] = {}
+    for name in FIELDS:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            found[name] = [v for v in value.split(",") if v] if name == "forward" else value
+    return found
+
+
+def load_settings(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> ProxySettings:
+    """Merge defaults, environment and flags; a bad value is a ConfigError naming its source."""
+    env = env_overrides(os.environ if environ is None else environ)
+    merged: dict[str, Any] = dict(env)
+    merged.update({k: v for k, v in flags.items() if v is not None and k in FIELDS})
+    try:
+        return msgspec.convert(merged, ProxySettings, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        for name in FIELDS:
+            if f"`$.{name}`" in message or f"`$.{name}[" in message:
+                source = (
+                    f"--{name.replace('_', '-')}"
+                    if flags.get(name) is not None
+                    else ENV_PREFIX + name.upper()
+                )
+                raise ConfigError(f"{source}: {message.split(' - at ')[0]}") from None
+        raise ConfigError(message) from None
