@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--drain-timeout", type=float, help="seconds to drain after SIGTERM")
     run.add_argument("--connect-timeout", type=float, help="seconds to wait for a target")
     run.add_argument("--backlog", type=int, help="listen backlog per port")
+    run.add_argument("--mode", choices=["tcp", "http"], help="tcp (default) or http routing")
+    run.add_argument("--http-parser", choices=["httptools", "h11"], help="HTTP head parser")
+    run.add_argument("--intercepts", metavar="FILE", help="YAML list of intercept specs")
+    run.add_argument("--max-head-size", type=int, help="largest request head in bytes")
+    run.add_argument("--header-timeout", type=float, help="seconds to send a request head")
+    run.add_argument("--idle-timeout", type=float, help="seconds an HTTP connection may idle")
 
     check = sub.add_parser("check-config", help="validate an agent config file and list its ports")
     check.add_argument("path")

@@ -12,11 +12,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from tpproxy.forward import ClientRelay
+from tpproxy.http import protocol_class
+from tpproxy.http.protocol import HttpProxy, HttpSettings, PortContext
 from tpproxy.routing import PortRoutes, RouteTable
 from tpproxy.stats import StatsBook, TrafficStats
 from tpproxy.targets import Target
+
+REAP_INTERVAL = 0.5
+HTTP_ROUTE = "http"
+HTTP_TARGET = "per-request"
+
+
+class OpenConnection(Protocol):
+    """What the engine needs of an accepted connection, TCP relay or HTTP proxy alike."""
+
+    def abort(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
 
 log = logging.getLogger("tpproxy.engine")
 
@@ -41,18 +57,23 @@ class Engine:
         host: str = "0.0.0.0",
         connect_timeout: float = 5.0,
         backlog: int = 1024,
+        http: HttpSettings | None = None,
     ) -> None:
         self.host = host
         self.connect_timeout = connect_timeout
         self.backlog = backlog
+        self.http = http or HttpSettings()
+        self._http_class = protocol_class(self.http.backend)
+        self._reaper: asyncio.TimerHandle | None = None
         self.stats = StatsBook()
         self.generation = 0
         self.draining = False
         self.started = False
         self._routes: dict[int, PortRoutes] = {}
         self._servers: dict[int, asyncio.Server] = {}
-        self._open: set[ClientRelay] = set()
+        self._open: set[OpenConnection] = set()
         self._idle: asyncio.Event | None = None
+        self._pending_routes: dict[int, PortRoutes] = {}
         self._applying = asyncio.Lock()
 
     @property
@@ -79,6 +100,7 @@ class Engine:
             raise RuntimeError("the engine is draining; it takes no new routes")
         async with self._applying:
             table = dict(routes)
+            self._pending_routes = table
             added = sorted(table.keys() - self._servers.keys())
             removed = sorted(self._servers.keys() - table.keys())
             bound: dict[int, asyncio.Server] = {}
@@ -96,6 +118,8 @@ class Engine:
                 self._servers.pop(port).close()
             self.generation += 1
             self.started = True
+            if self._reaper is None:
+                self._reaper = asyncio.get_running_loop().call_later(REAP_INTERVAL, self._reap)
             if added or removed:
                 log.info("listening on %s (added %s, removed %s)", self.ports, added, removed)
 
@@ -112,29 +136,72 @@ class Engine:
         except OSError as exc:
             raise ListenError(self.host, port, exc) from exc
 
-    def _protocol_factory(self, port: int) -> Callable[[], ClientRelay]:
-        last: list[PortRoutes] = []
+    def _protocol_factory(self, port: int) -> Callable[[], ClientRelay | HttpProxy]:
+        last: list[PortRoutes] = [self._routes_for_new_port(port)]
+
+        def current() -> PortRoutes:
+            routes = self._routes.get(port)
+            if routes is None:  # the port was removed; its open connections keep the last table
+                return last[0]
+            last[0] = routes
+            return routes
 
         def choose() -> tuple[Target, TrafficStats]:
-            routes = self._routes.get(port)
-            if routes is None:  # accepted in the same loop turn the port was removed
-                routes = last[0]
-            elif not last:
-                last.append(routes)
-            else:
-                last[0] = routes
-            route, target = routes.connection_route()
+            route, target = current().connection_route()
             return target, self.stats.entry(port, route, target.label)
 
-        def factory() -> ClientRelay:
+        def relay() -> ClientRelay:
             return ClientRelay(choose, self._open.add, self._closed, self.connect_timeout)
+
+        def handover(transport: asyncio.Transport, data: bytes) -> None:
+            # An HTTP-mode connection that turned out not to be HTTP/1 (an HTTP/2 preface).
+            tcp = relay()
+            transport.set_protocol(tcp)
+            tcp.connection_made(transport)
+            tcp.data_received(data)
+
+        contexts: list[PortContext] = []  # made when the first HTTP connection arrives
+        http_class = self._http_class
+
+        def factory() -> ClientRelay | HttpProxy:
+            if not current().routes_requests:
+                return relay()
+            if not contexts:
+                contexts.append(
+                    PortContext(
+                        port=port,
+                        routes=current,
+                        settings=self.http,
+                        connect_timeout=self.connect_timeout,
+                        traffic=self.stats.entry(port, HTTP_ROUTE, HTTP_TARGET),
+                        stats=self.stats.http(port),
+                        on_open=self._open.add,  # type: ignore[arg-type]
+                        on_close=self._closed,  # type: ignore[arg-type]
+                        handover_tcp=handover,
+                    )
+                )
+            return http_class(contexts[0])
 
         return factory
 
-    def _closed(self, relay: ClientRelay) -> None:
-        self._open.discard(relay)
+    def _routes_for_new_port(self, port: int) -> PortRoutes:
+        routes = self._pending_routes.get(port)
+        assert routes is not None
+        return routes
+
+    def _closed(self, conn: OpenConnection) -> None:
+        self._open.discard(conn)
         if not self._open and self._idle is not None:
             self._idle.set()
+
+    def _reap(self) -> None:
+        """Header and idle timeouts of HTTP connections, checked twice a second for all."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self._open):
+            if isinstance(conn, HttpProxy):
+                conn.check_timeouts(now)
+        self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
 
     def stop_accepting(self) -> None:
         """Close every listener; open connections keep going."""
@@ -149,6 +216,10 @@ class Engine:
         """
         self.draining = True
         self.stop_accepting()
+        if self._reaper is not None and grace == 0:
+            self._reaper.cancel()
+        for conn in list(self._open):
+            conn.shutdown()
         deadline = time.monotonic() + grace
         if self._open:
             self._idle = asyncio.Event()
@@ -158,9 +229,11 @@ class Engine:
                     await self._idle.wait()
             except TimeoutError:
                 pass
+        if self._reaper is not None:
+            self._reaper.cancel()
         left = list(self._open)
-        for relay in left:
-            relay.abort()
+        for conn in left:
+            conn.abort()
         if left:
             log.warning(
                 "drain timeout after %.1f s: closed %d connection(s) still open",

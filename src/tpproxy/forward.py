@@ -193,6 +193,9 @@ class ClientRelay(_Relay):
         self._lost(exc)
         self._on_close(self)
 
+    def shutdown(self) -> None:
+        """Draining: a TCP connection has no boundary to stop at, so it is left to finish."""
+
     def abort(self) -> None:
         """Drop the connection at once (both sides), as when a drain times out."""
         if self._connecting is not None:

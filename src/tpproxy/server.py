@@ -10,25 +10,31 @@ from dataclasses import dataclass, field
 from tpproxy.admin import AdminServer
 from tpproxy.config import ConfigError, Sidecar, listeners, load_sidecar
 from tpproxy.engine import Engine, ListenError
+from tpproxy.http.protocol import HttpSettings
 from tpproxy.metrics import engine_registry
 from tpproxy.routing import PortRoutes, app_routes
 from tpproxy.settings import ProxySettings
+from tpproxy.specs import build_routes as apply_specs
+from tpproxy.specs import load_specs
 
 log = logging.getLogger("tpproxy.server")
 
 
-def build_routes(settings: ProxySettings, sidecar: Sidecar | None) -> dict[int, PortRoutes]:
+def initial_routes(settings: ProxySettings, sidecar: Sidecar | None) -> dict[int, PortRoutes]:
     """The initial table: the config's TCP listeners to the app, plus `--forward` entries."""
-    routes = app_routes(sidecar, settings.app_host) if sidecar is not None else {}
+    http = settings.mode == "http"
+    routes = app_routes(sidecar, settings.app_host, http=http) if sidecar is not None else {}
     for port, address in settings.forwards():
         if port in routes:
             raise ConfigError(f"--forward {port}: port {port} is already an agent port")
-        routes[port] = PortRoutes(address)
+        routes[port] = PortRoutes(address, http=http)
     if not routes:
         raise ConfigError(
             f"{settings.config or '--forward'}: nothing to listen on "
             "(no TCP intercepts in the config and no --forward)"
         )
+    if settings.intercepts:
+        routes = apply_specs(routes, load_specs(settings.intercepts), settings.intercepts)
     return routes
 
 
@@ -45,7 +51,7 @@ def load(settings: ProxySettings) -> tuple[Sidecar | None, dict[int, PortRoutes]
                     listener.container_name,
                     listener.container_port,
                 )
-    return sidecar, build_routes(settings, sidecar)
+    return sidecar, initial_routes(settings, sidecar)
 
 
 @dataclass
@@ -59,8 +65,14 @@ class Proxy:
 
     def __post_init__(self) -> None:
         s = self.settings
+        http = HttpSettings(
+            backend=s.http_parser,
+            max_head_size=s.max_head_size,
+            header_timeout=s.header_timeout,
+            idle_timeout=s.idle_timeout,
+        )
         self.engine = Engine(
-            host=s.listen_host, connect_timeout=s.connect_timeout, backlog=s.backlog
+            host=s.listen_host, connect_timeout=s.connect_timeout, backlog=s.backlog, http=http
         )
 
     def readiness(self) -> tuple[bool, str]:

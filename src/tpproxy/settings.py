@@ -41,6 +41,18 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     connect_timeout: Positive = 5.0
     """Seconds to wait for a target to accept a connection."""
     backlog: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    mode: Literal["tcp", "http"] = "tcp"
+    """`http`: parse HTTP/1.1 on every agent port and route each request on its own."""
+    http_parser: Literal["httptools", "h11"] = "httptools"
+    """HTTP request-head parser: httptools (fast) or h11 (strict)."""
+    intercepts: str = ""
+    """YAML file of intercept specs to apply at start (and on SIGHUP)."""
+    max_head_size: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024
+    """Largest request head (request line and headers) in bytes; larger ones get 431."""
+    header_timeout: Positive = 10.0
+    """Seconds a client may take to send a request head once it has started."""
+    idle_timeout: Positive = 60.0
+    """Seconds an HTTP connection may stay idle (between requests, or in a stalled body)."""
 
     def admin_address(self) -> Address | None:
         """The admin listen address, or None when disabled."""

@@ -6,6 +6,7 @@ collector in `tpproxy.metrics` reads them only when `/metrics` is scraped.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 
@@ -27,10 +28,22 @@ class TrafficStats:
 class StatsBook:
     """All counters of an engine: one `TrafficStats` per (port, route, target)."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_http")
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, str, str], TrafficStats] = {}
+        self._http: dict[int, HttpStats] = {}
+
+    def http(self, port: int) -> HttpStats:
+        """The HTTP counters of a port, kept for the life of the engine."""
+        stats = self._http.get(port)
+        if stats is None:
+            stats = self._http[port] = HttpStats(port, {}, [0] * (len(LATENCY_BUCKETS) + 1))
+        return stats
+
+    def http_entries(self) -> list[HttpStats]:
+        """A snapshot of every port that has served HTTP."""
+        return list(self._http.values())
 
     def entry(self, port: int, route: str, target: str) -> TrafficStats:
         """The counters for this combination, kept for the life of the engine."""
@@ -43,3 +56,43 @@ class StatsBook:
     def entries(self) -> list[TrafficStats]:
         """A snapshot of every combination seen so far."""
         return list(self._entries.values())
+
+
+LATENCY_BUCKETS = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.01,
+    0.1,
+    1.0,
+)
+
+
+@dataclass(slots=True, eq=False)
+class HttpStats:
+    """Per-port HTTP counters: requests by (route, outcome) and the latency the proxy adds.
+
+    The added latency of a request is the time from its head being complete to its first byte
+    being handed to the target's connection (parsing, routing and, for a new upstream
+    connection, connecting).
+    """
+
+    port: int
+    requests: dict[tuple[str, str], int]
+    latency_counts: list[int]
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    def count(self, route: str, outcome: str) -> None:
+        key = (route, outcome)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe(self, seconds: float) -> None:
+        self.latency_sum += seconds
+        self.latency_count += 1
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # last slot: +Inf
