@@ -35,6 +35,7 @@ class Seen:
 class Upstream:
     name: str
     seen: list[Seen] = field(default_factory=list)
+    raw: bytearray = field(default_factory=bytearray)  # every byte received, in arrival order
     connections: int = 0
     server: asyncio.Server | None = None
     port: int = 0
@@ -90,7 +91,9 @@ class Upstream:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(await reader.read(CHUNK))
+            data = await reader.read(CHUNK)
+            self.raw += data
+            conn.receive_data(data)
 
     async def _respond(
         self,

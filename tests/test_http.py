@@ -616,3 +616,30 @@ def test_drain_closes_idle_keepalive_and_finishes_busy(backend: str) -> None:
             assert await drain == 0
 
     run(scenario())
+
+
+def test_metrics_show_requests_by_route_and_outcome_and_latency(backend: str) -> None:
+    from prometheus_client import generate_latest
+
+    from tpproxy.metrics import engine_registry
+
+    async def scenario() -> None:
+        async with rig(backend) as r:
+            reader, writer = await send_raw(
+                r.port, get("/1") + get("/2", "x-dev: alice") + get("/3", "x-dev: alice")
+            )
+            await read_responses(reader, 3)
+            writer.close()
+            reader, writer = await send_raw(r.port, b"BAD\r\n\r\n")
+            await read_responses(reader, 1)
+            text = generate_latest(engine_registry(r.engine)).decode()
+            p = f'port="{r.port}"'
+            assert (
+                f'tpproxy_http_requests_total{{outcome="forwarded",{p},route="alice"}} 2.0' in text
+            )
+            assert f'tpproxy_http_requests_total{{outcome="forwarded",{p},route="app"}} 1.0' in text
+            assert f'tpproxy_http_requests_total{{outcome="bad_request",{p},route="-"}} 1.0' in text
+            assert f"tpproxy_http_added_latency_seconds_count{{{p}}} 3.0" in text
+            assert f'tpproxy_http_added_latency_seconds_bucket{{le="+Inf",{p}}} 3.0' in text
+
+    run(scenario())

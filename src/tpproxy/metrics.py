@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tpproxy.engine import Engine
+from tpproxy.stats import LATENCY_BUCKETS
 
 _LABELS = ["port", "route", "target"]
 
@@ -19,7 +24,9 @@ class EngineCollector(Collector):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         opened = GaugeMetricFamily(
             "tpproxy_connections_open", "Connections accepted and not yet closed.", labels=_LABELS
         )
@@ -45,6 +52,29 @@ class EngineCollector(Collector):
             resets.add_metric(labels, s.resets)
             sent.add_metric([*labels, "to_target"], s.bytes_to_target)
             sent.add_metric([*labels, "to_client"], s.bytes_to_client)
+        requests = CounterMetricFamily(
+            "tpproxy_http_requests",
+            "HTTP requests by port, route (intercept id, app, or - when refused before routing) "
+            "and outcome (forwarded, fallback, unreachable, upstream_error, bad_request, "
+            "too_large, timeout).",
+            labels=["port", "route", "outcome"],
+        )
+        latency = HistogramMetricFamily(
+            "tpproxy_http_added_latency_seconds",
+            "Time from a request head being complete to its first byte being handed to the "
+            "target's connection (parsing, routing, and connecting a new connection if needed).",
+            labels=["port"],
+        )
+        for h in self.engine.stats.http_entries():
+            for (route, outcome), count in list(h.requests.items()):
+                requests.add_metric([str(h.port), route, outcome], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip(LATENCY_BUCKETS, h.latency_counts, strict=False):
+                cumulative += count
+                buckets.append((repr(bound), cumulative))
+            buckets.append(("+Inf", cumulative + h.latency_counts[-1]))
+            latency.add_metric([str(h.port)], buckets, h.latency_sum)
+        yield from (requests, latency)
         listening = GaugeMetricFamily(
             "tpproxy_listeners", "Ports the engine listens on.", value=len(self.engine.ports)
         )

@@ -175,6 +175,33 @@ class PortRoutes:
     tcp_intercept: TcpIntercept | None = None
     http_intercepts: tuple[HttpIntercept, ...] = ()
     http: bool = False
+    # Derived once per table, for per-request speed (see `decide`).
+    header_names: frozenset[bytes] = field(init=False, compare=False, repr=False)
+    _exact: dict[tuple[str, str], int] = field(init=False, compare=False, repr=False)
+    _exact_names: tuple[str, ...] = field(init=False, compare=False, repr=False)
+    _others: tuple[tuple[int, HttpIntercept], ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Intercepts with a single exact header rule and nothing else (Telepresence's own kind)
+        # are found by a dict look-up of the request's values; the rest are checked in order.
+        exact: dict[tuple[str, str], int] = {}
+        others = []
+        for pos, icept in enumerate(self.http_intercepts):
+            rules = icept.headers
+            if (
+                len(rules) == 1
+                and rules[0].rule.op == "exact"
+                and icept.path is None
+                and icept.methods is None
+            ):
+                exact.setdefault((rules[0].name, rules[0].rule.value), pos)
+            else:
+                others.append((pos, icept))
+        names = {h.name for icept in self.http_intercepts for h in icept.headers}
+        object.__setattr__(self, "header_names", frozenset(n.encode("latin-1") for n in names))
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_exact_names", tuple(sorted({name for name, _ in exact})))
+        object.__setattr__(self, "_others", tuple(others))
 
     def connection_route(self) -> tuple[str, Target]:
         """The route name (`app` or the intercept id) and target for a new TCP connection."""
@@ -196,9 +223,22 @@ class PortRoutes:
         if self.tcp_intercept is not None:
             icept = self.tcp_intercept
             return Decision(icept.id, icept.target, f"TCP intercept {icept.id!r} owns the port")
-        for http in self.http_intercepts:
-            if http.check(method, path, headers) is None:
-                return Decision(http.id, http.target, f"matched {http.describe()}", http)
+        first = len(self.http_intercepts)
+        exact = self._exact
+        for name in self._exact_names:
+            for value in headers.get(name, ()):
+                pos = exact.get((name, value))
+                if pos is not None and pos < first:
+                    first = pos
+        for pos, other in self._others:
+            if pos >= first:
+                break
+            if other.check(method, path, headers) is None:
+                first = pos
+                break
+        if first < len(self.http_intercepts):
+            http = self.http_intercepts[first]
+            return Decision(http.id, http.target, f"matched {http.describe()}", http)
         return Decision(APP_ROUTE, self.app, "no intercept matched")
 
     def explain(self, method: str, path: str, headers: Mapping[str, Sequence[str]]) -> list[str]:

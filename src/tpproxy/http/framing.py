@@ -80,6 +80,11 @@ def _framing_fields(headers: Headers) -> tuple[list[bytes], list[bytes]]:
 def request_framing(headers: Headers, http10: bool) -> Framing:
     """The body framing of a request (RFC 9112 section 6.3); FramingError means answer 400."""
     lengths, encodings = _framing_fields(headers)
+    return framing_of(lengths, encodings, http10)
+
+
+def framing_of(lengths: list[bytes], encodings: list[bytes], http10: bool) -> Framing:
+    """`request_framing` from the Content-Length and Transfer-Encoding values, already found."""
     if encodings:
         if lengths:
             raise FramingError("both Content-Length and Transfer-Encoding are present")

@@ -506,6 +506,15 @@ class HttpProxy(asyncio.Protocol):
                 return
             t0 = time.perf_counter()
             head = data[start:head_end] if start or head_end != end else data
+            crlf = head.count(b"\r\n")
+            if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+                # A bare LF or CR would let parsers disagree about where the head ends.
+                self._refuse(400, "malformed request: a bare CR or LF in the head")
+                return
+            if b"\r\n " in head or b"\r\n\t" in head:
+                # Obsolete line folding (RFC 9112 section 5.2): refused, not unfolded.
+                self._refuse(400, "malformed request: obsolete line folding in a header")
+                return
             try:
                 request = self.parse_head(head)
             except BadRequest as exc:
@@ -523,7 +532,8 @@ class HttpProxy(asyncio.Protocol):
         self.requests_seen += 1
         routes = self.ctx.routes()
         if routes.http_intercepts or routes.tcp_intercept is not None:
-            decision = routes.decide(request.method, request.path, request.by_name())
+            headers = request.headers_named(routes.header_names)
+            decision = routes.decide(request.method, request.path, headers)
             route, target, intercept = decision.route, decision.target, decision.intercept
         else:
             route, target, intercept = APP_ROUTE, routes.app, None
