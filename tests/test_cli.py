@@ -255,3 +255,100 @@ def wait_refused(port: int, timeout: float = 10) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"port {port} still accepts")
+
+
+def test_http_mode_with_intercepts_file_and_bad_intercepts(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        from .http_servers import Upstream
+
+        app = await Upstream("app").start()
+        alice = await Upstream("alice").start()
+        port = free_port()
+        specs = tmp_path / "intercepts.yaml"
+        specs.write_text(
+            f"- id: alice\n  port: {port}\n  mechanism: http\n  target: 127.0.0.1:{alice.port}\n"
+            "  headers: [{name: X-Dev, value: alice}]\n"
+        )
+        proc = tpproxy(
+            "run",
+            "--forward",
+            f"{port}=127.0.0.1:{app.port}",
+            "--mode",
+            "http",
+            "--intercepts",
+            str(specs),
+            "--listen-host",
+            "127.0.0.1",
+            "--admin",
+            "off",
+            "--http-parser",
+            "h11",
+        )
+        try:
+            await asyncio.to_thread(wait_for_port, port, proc)
+            reader, writer = await open_conn(port)
+            writer.write(
+                b"GET /a HTTP/1.1\r\nHost: s\r\n\r\nGET /b HTTP/1.1\r\nHost: s\r\nx-dev: alice\r\n\r\n"
+            )
+            async with asyncio.timeout(5):
+                data = b""
+                while b"alice GET /b" not in data:
+                    chunk = await reader.read(65536)
+                    assert chunk
+                    data += chunk
+            assert b"app GET /a" in data
+            writer.close()
+        finally:
+            proc.terminate()
+            finish(proc)
+            app.close()
+            alice.close()
+
+    run(scenario())
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "- id: x\n  port: 9900\n  mechanism: http\n  target: 127.0.0.1:1\n  headers: [{name: a, op: regex, value: '('}]\n"
+    )
+    code, err = finish(
+        tpproxy("run", "--forward", "9900=127.0.0.1:1", "--intercepts", str(bad), "--admin", "off")
+    )
+    assert code == 2
+    assert f"{bad}: [0] (id 'x').headers[0]: invalid regex '('" in err
+    bad.write_text("- id: x\n  port: 9900\n  mechanism: smtp\n  target: 127.0.0.1:1\n")
+    code, err = finish(
+        tpproxy("run", "--forward", "9900=127.0.0.1:1", "--intercepts", str(bad), "--admin", "off")
+    )
+    assert code == 2
+    assert "at `$[0].mechanism`" in err
+
+
+def test_explain_command(tmp_path: Path) -> None:
+    specs = tmp_path / "intercepts.yaml"
+    specs.write_text(
+        "- {id: alice, port: 9900, mechanism: http, target: '127.0.0.1:7001', headers: [{name: x-dev, value: alice}]}\n"
+    )
+
+    def explain(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tpproxy",
+                "explain",
+                "--intercepts",
+                str(specs),
+                "--port",
+                "9900",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    assert explain("-H", "x-dev: alice").stdout.splitlines()[-1] == "=> alice (127.0.0.1:7001)"
+    assert explain("-H", "x-dev: bob").stdout.splitlines()[-1] == "=> app (the app)"
+    bad = explain("-H", "no colon")
+    assert bad.returncode == 2
+    assert "--header 'no colon'" in bad.stderr

@@ -191,3 +191,17 @@ def test_specs_build_a_table_and_name_bad_fields() -> None:
         ConfigError, match="port 9901: TCP intercept 'b' conflicts with TCP intercept 'a'"
     ):
         build_routes(base, [InterceptSpec("a", 9901, "1"), InterceptSpec("b", 9901, "2")])
+
+
+def test_explain_a_raw_request_head() -> None:
+    from tpproxy.http import explain
+
+    routes = port_routes(
+        APP, http_intercepts=[HttpIntercept("alice", ALICE, (hdr("x-dev", "exact", "alice"),))]
+    )
+    for backend in ("h11", "httptools"):
+        lines = explain(routes, b"GET /x?y HTTP/1.1\r\nHost: h\r\nX-Dev: alice\r\n\r\n", backend)
+        assert lines[-1] == "=> alice (127.0.0.1:7001)"
+        (refused,) = explain(routes, b"GET /x HTTP/1.1\r\n\r\n", backend)
+        assert refused.startswith("refused with 400: ")
+        assert "Host" in refused

@@ -62,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate an agent config file and list its ports")
     check.add_argument("path")
+
+    explain = sub.add_parser(
+        "explain",
+        help="say which intercept of an intercepts file a request would reach, and why",
+    )
+    explain.add_argument("--intercepts", required=True, metavar="FILE")
+    explain.add_argument("--port", required=True, type=int, help="the agent port")
+    explain.add_argument("--method", default="GET")
+    explain.add_argument("--path", default="/", help="request target, query string allowed")
+    explain.add_argument(
+        "--header", "-H", action="append", default=[], metavar="NAME: VALUE", help="repeatable"
+    )
     return parser
 
 
@@ -86,6 +98,30 @@ def _check_config(path: str) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from tpproxy.http import explain
+    from tpproxy.routing import PortRoutes
+    from tpproxy.specs import build_routes, load_specs
+    from tpproxy.targets import Address
+
+    try:
+        specs = load_specs(args.intercepts)
+        base = {args.port: PortRoutes(Address("127.0.0.1", 1), http=True)}
+        routes = build_routes(base, [s for s in specs if s.port == args.port], args.intercepts)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    for header in args.header:
+        if ":" not in header:
+            return _fail(EXIT_CONFIG, f"--header {header!r}: expected 'NAME: VALUE'")
+    lines = "".join(f"{h}\r\n" for h in args.header)
+    if not any(h.lower().startswith("host:") for h in args.header):
+        lines = "Host: explain\r\n" + lines
+    head = f"{args.method} {args.path} HTTP/1.1\r\n{lines}\r\n".encode("latin-1", "replace")
+    for line in explain(routes[args.port], head):
+        print(line.replace("(127.0.0.1:1)", "(the app)"))
+    return 0
+
+
 async def _serve(settings: ProxySettings) -> int:
     try:
         _, routes = load(settings)
@@ -104,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.path)
+    if args.command == "explain":
+        return _explain(args)
     try:
         settings = load_settings(vars(args))
     except ConfigError as exc:
