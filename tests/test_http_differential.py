@@ -26,13 +26,30 @@ VALUE = st.text(
 ).map(str.strip)
 
 
+# Bytes a hostile client might put in a target, a header name or a header value.
+ODD = st.sampled_from([*"%~!*'()@:;,=&+$\"<>{}|\\^`[] \t", "\x7f", "\x80", "\xff", "\x00", "\x01"])
+ODD_TEXT = st.lists(st.one_of(TOKEN, ODD), max_size=4).map("".join)
+
+
 @st.composite
-def request(draw: st.DrawFn, last: bool) -> bytes:
-    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]))
+def request(draw: st.DrawFn, last: bool) -> tuple[bytes, bool]:
+    """One request, and whether it has odd bytes or methods (then not compared with direct)."""
+    method = draw(
+        st.sampled_from(
+            ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND", "FOO", "get"]
+        )
+    )
+    odd = method in ("FOO", "get", "PROPFIND")
     path = "/" + "/".join(draw(st.lists(TOKEN, max_size=3)))
+    if draw(st.integers(0, 4)) == 0:
+        path += draw(ODD_TEXT)
+        odd = True
     if draw(st.booleans()):
         path += "?" + draw(TOKEN) + "=" + draw(TOKEN)
     headers = [("Host", "svc.ns")]
+    if draw(st.integers(0, 4)) == 0:
+        headers.append((draw(ODD_TEXT) or "x", draw(ODD_TEXT)))
+        odd = True
     who = draw(st.sampled_from([None, "alice", "bob", "carol", "Alice"]))
     if who:
         headers.append((draw(st.sampled_from(["x-dev", "X-Dev", "X-DEV"])), who))
@@ -55,7 +72,7 @@ def request(draw: st.DrawFn, last: bool) -> bytes:
     if last and draw(st.booleans()):
         headers.append(("Connection", "close"))
     head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
-    return head.encode() + body
+    return head.encode("latin-1") + body, odd
 
 
 MUTATIONS = [
@@ -78,7 +95,8 @@ MUTATIONS = [
 def stream(draw: st.DrawFn) -> tuple[list[bytes], bool]:
     """A keep-alive byte stream of 1-5 requests, maybe one mutated, cut at random points."""
     count = draw(st.integers(1, 5))
-    requests = [draw(request(last=i == count - 1)) for i in range(count)]
+    drawn = [draw(request(last=i == count - 1)) for i in range(count)]
+    requests = [r for r, _ in drawn]
     mutated = False
     if draw(st.integers(0, 3)) == 0:
         index = draw(st.integers(0, count - 1))
@@ -87,6 +105,8 @@ def stream(draw: st.DrawFn) -> tuple[list[bytes], bool]:
         mutated = changed != requests[index]
         requests[index] = changed
     data = b"".join(requests)
+    # Streams with odd bytes or methods are compared across backends only, not with direct.
+    mutated = mutated or any(odd for _, odd in drawn)
     cuts = sorted(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=4, unique=True)))
     bounds = [0, *[c for c in cuts if c < len(data)], len(data)]
     return [data[a:b] for a, b in itertools.pairwise(bounds)], mutated

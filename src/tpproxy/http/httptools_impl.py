@@ -34,6 +34,9 @@ def parse_request_head(head: bytes, max_headers: int) -> RequestHead:
         parser.feed_data(head)
     except httptools.HttpParserUpgrade:
         pass  # the head itself parsed; what follows is the upgraded protocol's business
+    except httptools.HttpParserInvalidMethodError:
+        method = head.split(b" ", 1)[0][:32].decode("latin-1")
+        raise BadRequest(501, f"method {method!r} is not supported") from None
     except httptools.HttpParserError as exc:
         raise BadRequest(400, f"malformed request: {exc}") from None
     if not collector.complete:

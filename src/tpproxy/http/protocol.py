@@ -30,7 +30,7 @@ from tpproxy.http.framing import (
     skip_empty_lines,
     status_response,
 )
-from tpproxy.http.request import BadRequest, RequestHead
+from tpproxy.http.request import BadRequest, RequestHead, precheck_head
 from tpproxy.routing import APP_ROUTE, HttpIntercept, PortRoutes
 from tpproxy.stats import HttpStats, TrafficStats
 from tpproxy.targets import Target, connect
@@ -138,6 +138,7 @@ class Upstream(asyncio.Protocol):
         "paused",
         "pending",
         "rest",
+        "retired",
         "target",
         "transport",
         "tunnel",
@@ -158,6 +159,7 @@ class Upstream(asyncio.Protocol):
         self.failed = False
         self.tunnel = False
         self.will_close = False
+        self.retired = False
 
     # -- writing requests -------------------------------------------------------------------
     def send(self, data: bytes, ex: Exchange | None = None) -> None:
@@ -279,6 +281,9 @@ class Upstream(asyncio.Protocol):
             client.response_complete(ex)
             if self.will_close:
                 break
+            if self.retired and not self.exchanges:
+                self.close()
+                return
 
     def _bad_response(self, ex: Exchange, why: str) -> None:
         log.warning(
@@ -302,6 +307,15 @@ class Upstream(asyncio.Protocol):
             self.cursor = None
             self.client.response_complete(ex)
         self.client.upstream_lost(self, exc)
+
+    def retire(self) -> None:
+        """Take no new requests; close once the outstanding ones are answered."""
+        self.retired = True
+        client = self.client
+        if client.upstreams.get(self.target) is self:
+            del client.upstreams[self.target]
+        if not self.exchanges:
+            self.abort()
 
     def abort(self) -> None:
         self.closed = True
@@ -506,16 +520,8 @@ class HttpProxy(asyncio.Protocol):
                 return
             t0 = time.perf_counter()
             head = data[start:head_end] if start or head_end != end else data
-            crlf = head.count(b"\r\n")
-            if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
-                # A bare LF or CR would let parsers disagree about where the head ends.
-                self._refuse(400, "malformed request: a bare CR or LF in the head")
-                return
-            if b"\r\n " in head or b"\r\n\t" in head:
-                # Obsolete line folding (RFC 9112 section 5.2): refused, not unfolded.
-                self._refuse(400, "malformed request: obsolete line folding in a header")
-                return
             try:
+                precheck_head(head)
                 request = self.parse_head(head)
             except BadRequest as exc:
                 self._refuse(exc.status, str(exc))
@@ -708,11 +714,17 @@ class HttpProxy(asyncio.Protocol):
         self.rest = b""
         self.stop = LAST_REQUEST
         if ex is not None:
-            # A body that turned out malformed: that exchange's upstream cannot be trusted.
+            if ex.response_started:
+                # Part of its response went out already: no clean answer is possible any more.
+                self.transport.abort()
+                return
+            # A body that turned out malformed: half of it went to the upstream, whose request
+            # stream is now broken. It answers what came before, takes nothing new, then closes.
             upstream, ex.upstream = ex.upstream, None
             if upstream is not None:
-                upstream.exchanges.clear()
-                upstream.abort()
+                if ex in upstream.exchanges:
+                    upstream.exchanges.remove(ex)
+                upstream.retire()
             if ex in self.queue:
                 self.queue.remove(ex)
         self.body = self.body_ex = None

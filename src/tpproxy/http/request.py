@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from tpproxy.http.framing import Framing, FramingError, framing_of
@@ -12,6 +13,48 @@ _INTERESTING_SIZES = frozenset(
 )
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
+# The methods llhttp knows. The h11 backend accepts any token; limiting both to this set keeps
+# the backends' decisions identical (a differential test checks it). Others get 501.
+KNOWN_METHODS = frozenset(
+    (
+        "DELETE",
+        "GET",
+        "HEAD",
+        "POST",
+        "PUT",
+        "CONNECT",
+        "OPTIONS",
+        "TRACE",
+        "COPY",
+        "LOCK",
+        "MKCOL",
+        "MOVE",
+        "PROPFIND",
+        "PROPPATCH",
+        "SEARCH",
+        "UNLOCK",
+        "BIND",
+        "REBIND",
+        "UNBIND",
+        "ACL",
+        "REPORT",
+        "MKACTIVITY",
+        "CHECKOUT",
+        "MERGE",
+        "M-SEARCH",
+        "NOTIFY",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "PATCH",
+        "PURGE",
+        "MKCALENDAR",
+        "LINK",
+        "UNLINK",
+        "SOURCE",
+        "QUERY",
+    )
+)
+
 
 class BadRequest(Exception):
     """A request the proxy refuses; `status` is what the client is answered (400, 431, ...)."""
@@ -19,6 +62,39 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n"
+)
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def precheck_head(head: bytes) -> None:
+    """The checks both backends share, made before either parses: the stricter rule of the two
+    wherever they differ, so that they accept, refuse and route the same requests.
+
+    Refused: a request line not of the form `METHOD SP TARGET SP HTTP/x.y` (target in visible
+    ASCII), a method llhttp does not know (501), a version other than 1.0 or 1.1 (505), a bare
+    CR or LF (parsers would disagree on where the head ends), obsolete line folding, and control
+    characters in header fields.
+    """
+    line = _REQUEST_LINE.match(head)
+    if line is None:
+        shown = head.split(b"\r\n", 1)[0][:60].decode("latin-1")
+        raise BadRequest(400, f"malformed request line {shown!r}")
+    if line[1].decode("ascii") not in KNOWN_METHODS:
+        raise BadRequest(501, f"method {line[1].decode('ascii')!r} is not supported")
+    if line[3] != b"1" or line[4] not in (b"0", b"1"):
+        raise BadRequest(505, f"HTTP/{line[3].decode()}.{line[4].decode()} is not supported")
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+        raise BadRequest(400, "malformed request: a bare CR or LF in the head")
+    if b"\r\n " in head or b"\r\n\t" in head:
+        raise BadRequest(400, "malformed request: obsolete line folding in a header")
+    control = _CONTROL.search(head, line.end())
+    if control is not None:
+        raise BadRequest(400, f"malformed request: control character {control[0]!r} in a header")
 
 
 @dataclass(slots=True)
