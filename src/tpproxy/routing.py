@@ -159,12 +159,20 @@ class TcpIntercept:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Where one request goes, and why."""
+    """Where one request goes; `reason` says why (worded only when asked for)."""
 
     route: str
     target: Target
-    reason: str
     intercept: HttpIntercept | None = None
+    tcp: bool = False
+
+    @property
+    def reason(self) -> str:
+        if self.tcp:
+            return f"TCP intercept {self.route!r} owns the port"
+        if self.intercept is not None:
+            return f"matched {self.intercept.describe()}"
+        return "no intercept matched"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +230,7 @@ class PortRoutes:
         """
         if self.tcp_intercept is not None:
             icept = self.tcp_intercept
-            return Decision(icept.id, icept.target, f"TCP intercept {icept.id!r} owns the port")
+            return Decision(icept.id, icept.target, tcp=True)
         first = len(self.http_intercepts)
         exact = self._exact
         for name in self._exact_names:
@@ -238,8 +246,8 @@ class PortRoutes:
                 break
         if first < len(self.http_intercepts):
             http = self.http_intercepts[first]
-            return Decision(http.id, http.target, f"matched {http.describe()}", http)
-        return Decision(APP_ROUTE, self.app, "no intercept matched")
+            return Decision(http.id, http.target, http)
+        return Decision(APP_ROUTE, self.app)
 
     def explain(self, method: str, path: str, headers: Mapping[str, Sequence[str]]) -> list[str]:
         """Every intercept's verdict on a request, in the order they are tried, then the result."""

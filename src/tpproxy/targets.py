@@ -32,11 +32,12 @@ class Address:
 
     host: str
     port: int
+    label: str = field(init=False, compare=False, repr=False)
+    """The name used in logs, metric labels and as a key (made once: it is used per request)."""
 
-    @property
-    def label(self) -> str:
-        """The name used in logs and metric labels."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        host, port = self.host, self.port
+        object.__setattr__(self, "label", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
     @classmethod
     def parse(cls, text: str) -> Address:

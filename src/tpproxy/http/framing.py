@@ -105,13 +105,19 @@ def framing_of(lengths: list[bytes], encodings: list[bytes], http10: bool) -> Fr
 
 def response_framing(status: int, request_method: str, headers: Headers) -> Framing:
     """The body framing of a response to `request_method`; FramingError means answer 502."""
+    lengths, encodings = _framing_fields(headers)
+    return _response_body(status, request_method, lengths, encodings)
+
+
+def _response_body(
+    status: int, request_method: str, lengths: list[bytes], encodings: list[bytes]
+) -> Framing:
     if request_method == "CONNECT" and 200 <= status < 300:
         return TUNNEL
     if status == 101:
         return TUNNEL
     if status < 200 or status in (204, 304) or request_method == "HEAD":
         return NO_BODY
-    lengths, encodings = _framing_fields(headers)
     if encodings:
         if lengths:
             raise FramingError("response has both Content-Length and Transfer-Encoding")
@@ -148,6 +154,39 @@ class ResponseHead:
         if b"close" in tokens:
             return True
         return self.http10 and b"keep-alive" not in tokens
+
+
+def read_response_head(
+    data: bytes, start: int, end: int, request_method: str
+) -> tuple[int, Framing, bool]:
+    """Status, body framing and whether the server closes after it, for the response head in
+    `data[start:end]` (ending with CRLF CRLF). One pass, no copies: this runs per response."""
+    match = _STATUS_LINE.match(data, start, end)
+    if match is None:
+        line = data[start:end].split(b"\r\n", 1)[0][:80].decode("latin-1")
+        raise FramingError(f"malformed status line {line!r}")
+    lengths: list[bytes] = []
+    encodings: list[bytes] = []
+    close = keep_alive = False
+    for field_match in _RESPONSE_FIELDS.finditer(data, match.end() - 2, end):
+        name, value = field_match[1].lower(), field_match[2]
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            encodings.append(value)
+        else:
+            value = value.lower()
+            if value == b"close":
+                close = True
+            elif value == b"keep-alive":
+                keep_alive = True
+            else:
+                tokens = {t.strip(b" \t") for t in value.split(b",")}
+                close = close or b"close" in tokens
+                keep_alive = keep_alive or b"keep-alive" in tokens
+    status = int(match[2])
+    closes = close or (match[1] == b"0" and not keep_alive)
+    return status, _response_body(status, request_method, lengths, encodings), closes
 
 
 def parse_response_head(head: bytes) -> ResponseHead:

@@ -25,8 +25,7 @@ from tpproxy.http.framing import (
     BodyCursor,
     FramingError,
     find_head_end,
-    parse_response_head,
-    response_framing,
+    read_response_head,
     skip_empty_lines,
     status_response,
 )
@@ -236,8 +235,8 @@ class Upstream(asyncio.Protocol):
             ex = self.exchanges[0]
             start = pos
             if self.cursor is None:
-                head_end = find_head_end(data, pos)
-                if head_end < 0:
+                head_end = data.find(b"\r\n\r\n", pos) + 4
+                if head_end < 4:
                     if end - pos > MAX_RESPONSE_HEAD:
                         self._bad_response(
                             ex, f"response head longer than {MAX_RESPONSE_HEAD} bytes"
@@ -246,24 +245,34 @@ class Upstream(asyncio.Protocol):
                     self.rest = data[pos:]
                     return
                 try:
-                    head = parse_response_head(data[pos:head_end])
-                    framing = response_framing(head.status, ex.method, head.headers)
+                    status, framing, closes = read_response_head(data, pos, head_end, ex.method)
                 except FramingError as exc:
                     self._bad_response(ex, str(exc))
                     return
-                if head.status < 200 and head.status != 101:
+                if status < 200 and status != 101:
                     client.deliver(ex, data[pos:head_end])  # interim (100 Continue): pass on
                     pos = head_end
                     continue
-                if framing.kind == "tunnel":
+                kind = framing.kind
+                if kind == "tunnel":
                     self.tunnel = True
                     ex.switched = True
                     client.deliver(ex, data[pos:] if pos else data)
                     client.switch_ready(ex)
                     return
-                if head.closes() or framing.kind == "close":
+                if closes or kind == "close":
                     self.will_close = True
                     ex.close_after = True
+                elif kind == "length" and head_end + framing.length <= end:
+                    # The whole response is in this read (the common case): no body cursor.
+                    pos = head_end + framing.length
+                    client.deliver(ex, data if start == 0 and pos == end else data[start:pos])
+                    self.exchanges.popleft()
+                    client.response_complete(ex)
+                    if self.retired and not self.exchanges:
+                        self.close()
+                        return
+                    continue
                 self.cursor = BodyCursor(framing)
                 pos = head_end
             try:
@@ -312,8 +321,8 @@ class Upstream(asyncio.Protocol):
         """Take no new requests; close once the outstanding ones are answered."""
         self.retired = True
         client = self.client
-        if client.upstreams.get(self.target) is self:
-            del client.upstreams[self.target]
+        if client.upstreams.get(self.target.label) is self:
+            del client.upstreams[self.target.label]
         if not self.exchanges:
             self.abort()
 
@@ -361,7 +370,7 @@ class HttpProxy(asyncio.Protocol):
         self.settings = ctx.settings
         self.stats = ctx.stats
         self.queue: deque[Exchange] = deque()
-        self.upstreams: dict[Target, Upstream] = {}
+        self.upstreams: dict[str, Upstream] = {}  # by target label (a str hashes once)
         self.rest = b""
         self.body: BodyCursor | None = None
         self.body_ex: Exchange | None = None
@@ -567,11 +576,11 @@ class HttpProxy(asyncio.Protocol):
             self.stop = PIPELINE_FULL
 
     def _upstream(self, target: Target, *, fresh: bool = False) -> Upstream:
-        upstream = None if fresh else self.upstreams.get(target)
+        upstream = None if fresh else self.upstreams.get(target.label)
         if upstream is None or upstream.closed or upstream.will_close or upstream.failed:
             upstream = Upstream(self, target)
             if not fresh:
-                self.upstreams[target] = upstream
+                self.upstreams[target.label] = upstream
             self.loop.create_task(self._connect(upstream))
         return upstream
 
@@ -592,8 +601,8 @@ class HttpProxy(asyncio.Protocol):
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
         upstream.failed = upstream.closed = True
-        if self.upstreams.get(upstream.target) is upstream:
-            del self.upstreams[upstream.target]
+        if self.upstreams.get(upstream.target.label) is upstream:
+            del self.upstreams[upstream.target.label]
         if upstream.full:
             upstream.full = False
             self.upstream_full(False)
@@ -737,8 +746,8 @@ class HttpProxy(asyncio.Protocol):
         self._update_reading()
 
     def upstream_lost(self, upstream: Upstream, exc: Exception | None) -> None:
-        if self.upstreams.get(upstream.target) is upstream:
-            del self.upstreams[upstream.target]
+        if self.upstreams.get(upstream.target.label) is upstream:
+            del self.upstreams[upstream.target.label]
         if upstream.full:
             upstream.full = False
             self.upstream_full(False)
