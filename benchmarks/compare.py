@@ -1,19 +1,25 @@
-"""Side-by-side comparison of tpproxy with haproxy and nginx `stream` in front of one upstream.
+"""Side-by-side comparison of tpproxy with haproxy and nginx in front of the same upstreams.
+
+`--mode tcp` (default): blind TCP forwarding; tpproxy vs haproxy `mode tcp` and nginx `stream`.
+`--mode http`: per-request routing by the `x-dev` header; tpproxy `--mode http` (httptools, and h11
+as `tpproxy-h11`) vs haproxy `mode http` with a header ACL and nginx `http` with a `map` on
+`$http_x_dev`, each in front of an "app" upstream and two "developer" upstreams (alice, bob).
 
 One run starts everything on 127.0.0.1 (free ports), checks that every contender forwards
-correctly, then measures round-robin, `--rounds` times:
+(and, in http mode, routes) correctly, then measures round-robin, `--rounds` times:
 
 - wrk -t1 -c1 and -t1 -c50 (`--latency`) against nginx answering `return 200 "ok"`: req/s, p50,
   p99; a run with socket errors or non-2xx/3xx responses is invalid;
 - the proxy's CPU (utime+stime from /proc/PID/stat, all its processes) per 100k requests at c=50;
-- iperf3 bulk transfer through the contender (receiver Gbit/s).
+- iperf3 bulk transfer through the contender (receiver Gbit/s; tcp mode only);
+- in http mode, the wrk runs are done twice: without the header (-> app) and with
+  `x-dev: alice` (-> alice).
 
 Before each measurement it waits (bounded) until CPU used by processes that are not part of the
 benchmark stays under QUIET_CORES, measures that foreign CPU during the run, and discards and
 repeats a run where it exceeded DIRTY_CORES (at most RETRIES times per cell). Medians across
 rounds are printed as a markdown table and written to benchmarks/results/<mode>-<timestamp>.md.
 
-Only `--mode tcp` exists today; an HTTP mode adds its own contender list to MODES.
 See benchmarks/README.md.
 """
 
@@ -305,11 +311,21 @@ class Bench:
 
 @dataclass(frozen=True)
 class Ports:
-    """Where a contender (or the upstream itself) accepts each kind of traffic."""
+    """Where a contender (or the upstream itself) accepts each kind of traffic.
+
+    In http mode bulk and check are 0 (not used); the upstream's alice and bob are the two
+    developer servers (0 in tcp mode, and always 0 for a contender: it routes on `http`)."""
 
     http: int
     bulk: int
     check: int
+    alice: int = 0
+    bob: int = 0
+
+
+# Body each upstream server answers, so that a response says where its request went.
+APP_BODY, ALICE_BODY, BOB_BODY = b"ok", b"alice", b"bob"
+DEV_HEADER = "x-dev"
 
 
 class HashSink:
@@ -366,6 +382,7 @@ def nginx_common(bench: Bench, name: str) -> str:
 
 
 def start_upstream(bench: Bench, env: dict[str, str]) -> tuple[Ports, HashSink]:
+    """tcp mode: nginx (HTTP), iperf3 -s (bulk) and the checksum sink."""
     http_port, bulk_port, check_port = bench.port(), bench.port(), bench.port()
     t = bench.tmp
     conf = bench.write(
@@ -388,16 +405,47 @@ def start_upstream(bench: Bench, env: dict[str, str]) -> tuple[Ports, HashSink]:
     return Ports(http_port, bulk_port, check_port), sink
 
 
+def start_http_upstreams(bench: Bench, env: dict[str, str]) -> Ports:
+    """http mode: one nginx (1 worker) with three servers, the app and the developers alice and
+    bob, each answering 200 with its own body. No iperf3 and no checksum sink."""
+    app, alice, bob = bench.port(), bench.port(), bench.port()
+    t = bench.tmp
+    servers = "".join(
+        f'  server {{ listen {HOST}:{port}; return 200 "{body.decode()}"; }}\n'
+        for port, body in ((app, APP_BODY), (alice, ALICE_BODY), (bob, BOB_BODY))
+    )
+    conf = bench.write(
+        "upstream-nginx.conf",
+        nginx_common(bench, "upstream")
+        + "http {\n"
+        + "  access_log off;\n"
+        + "  keepalive_requests 100000000;\n"
+        + "  keepalive_timeout 120s;\n"
+        + f"  client_body_temp_path {t}/u-body; proxy_temp_path {t}/u-proxy;\n"
+        + f"  fastcgi_temp_path {t}/u-fcgi; uwsgi_temp_path {t}/u-uwsgi; scgi_temp_path {t}/u-scgi;\n"
+        + servers
+        + "}\n",
+    )
+    sp = bench.spawn("upstream-nginx", nginx_argv(conf, t, t / "upstream-error.log"), env)
+    for port in (app, alice, bob):
+        wait_listening(port, sp.proc, "upstream nginx", sp.log)
+    return Ports(app, 0, 0, alice, bob)
+
+
 # --------------------------------------------------------------------------------------------
 # Contenders
 
 
 @dataclass
 class Running:
-    """A started contender: where to send traffic, and whose CPU is the proxy's (None: direct)."""
+    """A started contender: where to send traffic, and whose CPU is the proxy's (None: direct).
+
+    `routes`: in http mode, whether it routes by header on ports.http (False for direct, whose
+    "alice" load goes straight to the alice upstream instead)."""
 
     ports: Ports
     pid: int | None
+    routes: bool = False
 
 
 @dataclass(frozen=True)
@@ -498,25 +546,222 @@ TCP_CONTENDERS = [
     Contender("nginx-stream", "peer", start_nginx_stream),
 ]
 
-# An HTTP mode would add e.g. "http": [direct, tpproxy in HTTP mode, haproxy mode http, nginx http].
-MODES: dict[str, list[Contender]] = {"tcp": TCP_CONTENDERS}
+
+# ---- http mode: route per request by the x-dev header; no header (or another value) -> app
+
+
+def start_direct_http(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
+    return Running(up, None, routes=False)
+
+
+def start_tpproxy_http(parser: str) -> Callable[[Bench, Ports, dict[str, str]], Running]:
+    def start(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
+        name = "tpproxy" if parser == "httptools" else f"tpproxy-{parser}"
+        port = bench.port()
+        intercepts = bench.write(
+            f"{name}-intercepts.yaml",
+            "".join(
+                f"- {{id: {dev}, port: {port}, mechanism: http, "
+                f'target: "{HOST}:{target}", '
+                f"headers: [{{name: {DEV_HEADER}, op: exact, value: {dev}}}]}}\n"
+                for dev, target in (("alice", up.alice), ("bob", up.bob))
+            ),
+        )
+        argv = [
+            str(tpproxy_bin()),
+            "run",
+            "--forward",
+            f"{port}={HOST}:{up.http}",
+            "--mode",
+            "http",
+            "--intercepts",
+            str(intercepts),
+            "--http-parser",
+            parser,
+            "--listen-host",
+            HOST,
+            "--admin",
+            "off",
+            "--log-level",
+            "warning",
+        ]
+        clean = {k: v for k, v in env.items() if not k.startswith("TPPROXY_")}
+        sp = bench.spawn(name, argv, clean)
+        wait_listening(port, sp.proc, name, sp.log)
+        return Running(Ports(port, 0, 0), sp.proc.pid, routes=True)
+
+    return start
+
+
+def start_haproxy_http(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
+    port = bench.port()
+    conf = bench.write(
+        "haproxy-http.cfg",
+        "global\n  nbthread 1\n  maxconn 4096\n\n"
+        "defaults\n  mode http\n  maxconn 4096\n  timeout connect 5s\n"
+        "  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n"
+        "  option http-keep-alive\n  http-reuse always\n\n"
+        f"frontend f_http\n  bind {HOST}:{port}\n"
+        f"  acl alice req.hdr({DEV_HEADER}) -m str alice\n"
+        f"  acl bob req.hdr({DEV_HEADER}) -m str bob\n"
+        "  use_backend b_alice if alice\n  use_backend b_bob if bob\n"
+        "  default_backend b_app\n\n"
+        f"backend b_app\n  server app {HOST}:{up.http}\n"
+        f"backend b_alice\n  server alice {HOST}:{up.alice}\n"
+        f"backend b_bob\n  server bob {HOST}:{up.bob}\n",
+    )
+    check = subprocess.run(
+        ["haproxy", "-c", "-f", str(conf)], capture_output=True, text=True, timeout=30, env=env
+    )
+    if check.returncode != 0:
+        raise BenchError(f"haproxy rejects its config: {check.stdout}{check.stderr}")
+    sp = bench.spawn("haproxy-http", ["haproxy", "-db", "-f", str(conf)], env)
+    wait_listening(port, sp.proc, "haproxy", sp.log)
+    return Running(Ports(port, 0, 0), sp.proc.pid, routes=True)
+
+
+def start_nginx_http(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
+    """nginx `http`: `map $http_x_dev` to an upstream name, upstream keepalive. Note: `map`
+    compares strings case-insensitively (`x-dev: Alice` would go to alice too); the check
+    only uses lower-case values, on which all contenders agree."""
+    port = bench.port()
+    t = bench.tmp
+    upstreams = "".join(
+        f"  upstream {name} {{ server {HOST}:{target}; keepalive 64; "
+        "keepalive_requests 100000000; keepalive_timeout 120s; }\n"
+        for name, target in (("app", up.http), ("alice", up.alice), ("bob", up.bob))
+    )
+    conf = bench.write(
+        "nginx-http.conf",
+        nginx_common(bench, "nginx-http")
+        + "http {\n"
+        + "  access_log off;\n"
+        + "  keepalive_requests 100000000;\n"
+        + "  keepalive_timeout 120s;\n"
+        + f"  client_body_temp_path {t}/h-body; proxy_temp_path {t}/h-proxy;\n"
+        + f"  fastcgi_temp_path {t}/h-fcgi; uwsgi_temp_path {t}/h-uwsgi; scgi_temp_path {t}/h-scgi;\n"
+        # Request bodies in memory: the worker (user nobody when run as root) cannot write temp
+        # files in the 0700 temp dir, and the check sends a 64 KiB body.
+        + "  client_body_buffer_size 1m;\n"
+        + upstreams
+        + "  map $http_x_dev $dev_upstream { default app; alice alice; bob bob; }\n"
+        + f"  server {{\n    listen {HOST}:{port};\n    location / {{\n"
+        + "      proxy_pass http://$dev_upstream;\n"
+        + "      proxy_http_version 1.1;\n"
+        + '      proxy_set_header Connection "";\n'
+        + "      proxy_set_header Host $host;\n"
+        + "    }\n  }\n"
+        + "}\n",
+    )
+    sp = bench.spawn("nginx-http", nginx_argv(conf, t, t / "nginx-http-error.log"), env)
+    wait_listening(port, sp.proc, "nginx-http", sp.log)
+    return Running(Ports(port, 0, 0), sp.proc.pid, routes=True)
+
+
+HTTP_CONTENDERS = [
+    Contender("direct", "baseline", start_direct_http),
+    Contender("tpproxy", "subject", start_tpproxy_http("httptools")),
+    Contender("tpproxy-h11", "subject", start_tpproxy_http("h11")),
+    Contender("haproxy", "peer", start_haproxy_http),
+    Contender("nginx-http", "peer", start_nginx_http),
+]
+
+MODES: dict[str, list[Contender]] = {"tcp": TCP_CONTENDERS, "http": HTTP_CONTENDERS}
 
 
 # --------------------------------------------------------------------------------------------
 # Correctness checks (before any timing)
 
 
-def check_http(port: int, n: int = 20) -> None:
+def check_http(port: int, n: int = 20, want: bytes = APP_BODY) -> None:
     conn = http.client.HTTPConnection(HOST, port, timeout=5)
     try:
         for i in range(n):
             conn.request("GET", f"/check/{i}")
             resp = conn.getresponse()
             body = resp.read()
-            if resp.status != 200 or body != b"ok":
+            if resp.status != 200 or body != want:
                 raise BenchError(f"GET #{i} on keep-alive got {resp.status} {body[:60]!r}")
     finally:
         conn.close()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One request of the routing check and the body of the upstream it must reach."""
+
+    label: str
+    headers: dict[str, str]
+    want: bytes
+    method: str = "GET"
+    body: bytes | None = None
+    chunked: bool = False
+
+
+ROUTING_PROBES = [
+    Probe("no header", {}, APP_BODY),
+    Probe("x-dev: alice", {DEV_HEADER: "alice"}, ALICE_BODY),
+    Probe("x-dev: bob", {DEV_HEADER: "bob"}, BOB_BODY),
+    Probe("no header", {}, APP_BODY),
+    Probe("X-Dev: bob (name case)", {"X-Dev": "bob"}, BOB_BODY),
+    Probe("x-dev: carol (no intercept)", {DEV_HEADER: "carol"}, APP_BODY),
+    Probe("POST 64 KiB Content-Length, no header", {}, APP_BODY, "POST", os.urandom(64 << 10)),
+    Probe("x-dev: alice after a body", {DEV_HEADER: "alice"}, ALICE_BODY),
+    Probe("POST chunked, x-dev: bob", {DEV_HEADER: "bob"}, BOB_BODY, "POST", b"z" * 9000, True),
+    Probe("no header after a chunked body", {}, APP_BODY),
+]
+ROUTING_REPEATS = 3  # the whole sequence, on the same connection
+
+
+def check_routing(run: Running, up: Ports) -> None:
+    """http mode, before timing: one keep-alive connection carrying ROUTING_PROBES (mixed: no
+    header, alice, bob, other values, bodies) ROUTING_REPEATS times; every response must be 200
+    with the body of the upstream the request belongs to, and the connection must stay open.
+    For direct (no routing) each upstream is checked on its own port instead."""
+    if not run.routes:
+        for port, want in ((up.http, APP_BODY), (up.alice, ALICE_BODY), (up.bob, BOB_BODY)):
+            check_http(port, 5, want)
+        return
+    conn = http.client.HTTPConnection(HOST, run.ports.http, timeout=5)
+    first_sock: socket.socket | None = None
+    try:
+        for rep in range(ROUTING_REPEATS):
+            for i, pr in enumerate(ROUTING_PROBES):
+                what = f"request {rep * len(ROUTING_PROBES) + i + 1} ({pr.label})"
+                body: bytes | list[bytes] | None = pr.body
+                if pr.chunked and pr.body is not None:
+                    body = [pr.body[j : j + 4000] for j in range(0, len(pr.body), 4000)]
+                try:
+                    conn.request(
+                        pr.method,
+                        f"/route/{rep}/{i}",
+                        body=body,
+                        headers=pr.headers,
+                        encode_chunked=pr.chunked,
+                    )
+                    resp = conn.getresponse()
+                    got = resp.read()
+                except (OSError, http.client.HTTPException) as e:
+                    raise BenchError(f"{what} on one keep-alive connection: {e!r}") from e
+                if resp.status != 200 or got != pr.want:
+                    raise BenchError(f"{what} got {resp.status} {got[:60]!r}, want 200 {pr.want!r}")
+                if resp.will_close:
+                    raise BenchError(f"{what}: the response closes the connection")
+                if first_sock is None:
+                    first_sock = conn.sock
+                elif conn.sock is not first_sock:
+                    raise BenchError(f"{what}: the keep-alive connection was not kept")
+    finally:
+        conn.close()
+
+
+def load_target(run: Running, alice: bool) -> tuple[int, list[str]]:
+    """http mode: (port, wrk headers) for load without the header (-> app) or with `x-dev:
+    alice` (-> alice). direct sends the alice load straight to the alice upstream."""
+    if not alice:
+        return run.ports.http, []
+    port = run.ports.http if run.routes else run.ports.alice
+    return port, [f"{DEV_HEADER}: alice"]
 
 
 def check_bytes(port: int) -> None:
@@ -581,8 +826,11 @@ def parse_wrk(out: str) -> WrkResult:
     )
 
 
-def run_wrk(port: int, conns: int, duration: int) -> WrkResult:
-    argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", f"http://{HOST}:{port}/"]
+def run_wrk(port: int, conns: int, duration: int, headers: Sequence[str] = ()) -> WrkResult:
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency"]
+    for h in headers:
+        argv += ["-H", h]
+    argv.append(f"http://{HOST}:{port}/")
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired as e:
@@ -665,24 +913,33 @@ def measure(
         a = snapshot()
         cell = Cell()
         requests = 0
+        base, _, variant = kind.partition("-")  # "c50-alice" -> "c50", "alice"
+        sfx = f"_{variant}" if variant else ""
         try:
             if kind == "bulk":
                 cell.values["bulk"] = run_iperf3(run.ports.bulk, args.bulk_bytes)
             else:
-                conns = 1 if kind == "c1" else 50
-                w = run_wrk(run.ports.http, conns, args.duration)
+                conns = 1 if base == "c1" else 50
+                port, headers = (
+                    load_target(run, variant == "alice")
+                    if args.mode == "http"
+                    else (run.ports.http, [])
+                )
+                w = run_wrk(port, conns, args.duration, headers)
                 requests = w.requests
                 if conns == 1:
-                    cell.values.update(rps_c1=w.rps, p50_c1=w.p50_us, p99_c1=w.p99_us)
+                    cell.values.update(
+                        {f"rps_c1{sfx}": w.rps, f"p50_c1{sfx}": w.p50_us, f"p99_c1{sfx}": w.p99_us}
+                    )
                 else:
-                    cell.values.update(rps_c50=w.rps, p99_c50=w.p99_us)
+                    cell.values.update({f"rps_c50{sfx}": w.rps, f"p99_c50{sfx}": w.p99_us})
         except BenchError as e:
             cell.error = str(e)
             return cell  # a correctness failure is not noise: no retry
         b = snapshot()
-        if kind == "c50" and run.pid is not None:
+        if base == "c50" and run.pid is not None:
             proxy_s = (b.ticks_of(run.pid) - a.ticks_of(run.pid)) / CLK_TCK
-            cell.values["cpu_100k"] = proxy_s / requests * 1e5
+            cell.values[f"cpu_100k{sfx}"] = proxy_s / requests * 1e5
         cell.foreign = foreign_cores(a, b)
         noise.runs += 1
         noise.foreign.append(cell.foreign)
@@ -705,14 +962,16 @@ def fmt_cell(kind: str, cell: Cell) -> str:
     if cell.error:
         return f"INVALID ({cell.error})"
     v = cell.values
+    base, _, variant = kind.partition("-")
+    x = f"_{variant}" if variant else ""
     if kind == "bulk":
         s = f"{v['bulk']:.2f} Gbit/s"
-    elif kind == "c1":
-        s = f"{v['rps_c1']:.0f} req/s p50 {v['p50_c1']:.0f}us p99 {v['p99_c1']:.0f}us"
+    elif base == "c1":
+        s = f"{v['rps_c1' + x]:.0f} req/s p50 {v['p50_c1' + x]:.0f}us p99 {v['p99_c1' + x]:.0f}us"
     else:
-        s = f"{v['rps_c50']:.0f} req/s p99 {v['p99_c50']:.0f}us"
-        if "cpu_100k" in v:
-            s += f" cpu {v['cpu_100k']:.2f}s/100k"
+        s = f"{v['rps_c50' + x]:.0f} req/s p99 {v['p99_c50' + x]:.0f}us"
+        if "cpu_100k" + x in v:
+            s += f" cpu {v['cpu_100k' + x]:.2f}s/100k"
     return s + f" (foreign {cell.foreign:.2f} cores{', DIRTY' if cell.dirty else ''})"
 
 
@@ -767,7 +1026,10 @@ class Results:
         return out
 
     def direct(self, metric: str) -> Callable[[int], float | None]:
-        return lambda i: self.value(i, "direct", metric)
+        return self.of("direct", metric)
+
+    def of(self, name: str, metric: str) -> Callable[[int], float | None]:
+        return lambda i: self.value(i, name, metric)
 
     def best_peer(
         self, metric: str, higher_is_better: bool = True
@@ -792,6 +1054,7 @@ KIND_OF = {
     "cpu_100k": "c50",
     "bulk": "bulk",
 }
+KIND_OF.update({f"{m}_alice": f"{k}-alice" for m, k in list(KIND_OF.items()) if k != "bulk"})
 
 COLUMNS = [
     "contender",
@@ -808,18 +1071,37 @@ COLUMNS = [
 ]
 
 
+def fmt_num(res: Results, x: float | None, fmt: str, metric: str, name: str) -> str:
+    """A table value: `invalid` if every round's cell was invalid, `*` if a noisy run was kept."""
+    if res.invalid(name, metric) and x is None:
+        return "invalid"
+    if x is None:
+        return "-"
+    s = format(x, fmt)
+    if res.invalid(name, metric):
+        s += " (some invalid)"
+    if res.dirty(name, metric):
+        s += "*"
+    return s
+
+
+def fmt_rps(res: Results, name: str, metric: str) -> str:
+    rps = med(res.series(name, metric))
+    s = "-" if rps is None else f"{rps / 1000:.1f}k"
+    if res.dirty(name, metric) and rps is not None:
+        s += "*"
+    if res.invalid(name, metric):
+        s = "invalid" if rps is None else s + " (some invalid)"
+    return s
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def render_table(res: Results, skip_bulk: bool, failed: dict[str, str], skipped: set[str]) -> str:
     def num(x: float | None, fmt: str, metric: str, name: str) -> str:
-        if res.invalid(name, metric) and x is None:
-            return "invalid"
-        if x is None:
-            return "-"
-        s = format(x, fmt)
-        if res.invalid(name, metric):
-            s += " (some invalid)"
-        if res.dirty(name, metric):
-            s += "*"
-        return s
+        return fmt_num(res, x, fmt, metric, name)
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     for name in res.names:
@@ -858,6 +1140,73 @@ def render_table(res: Results, skip_bulk: bool, failed: dict[str, str], skipped:
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+HTTP_COLUMNS = [
+    "contender",
+    "req/s c=50 (no header)",
+    "x direct",
+    "x haproxy",
+    "req/s c=50 (alice)",
+    "x haproxy",
+    "CPU s/100k req (c=50, no header)",
+    "p50 c=1 (us)",
+    "added p50 vs direct (us)",
+    "p99 c=50 (us)",
+]
+
+
+def render_http_table(res: Results, failed: dict[str, str], skipped: set[str]) -> str:
+    cols = HTTP_COLUMNS
+    lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+
+    for name in res.names:
+        if name in failed:
+            what = "skipped" if name in skipped else "failed"
+            lines.append(f"| {name} | {what}: {failed[name]} |" + " |" * (len(cols) - 2))
+            continue
+        is_direct = name == "direct"
+        x_direct = med(res.paired(name, "rps_c50", res.direct("rps_c50"), "/"))
+        x_hap = med(res.paired(name, "rps_c50", res.of("haproxy", "rps_c50"), "/"))
+        x_hap_a = med(res.paired(name, "rps_c50_alice", res.of("haproxy", "rps_c50_alice"), "/"))
+        cpu = None if is_direct else med(res.series(name, "cpu_100k"))
+        p50 = med(res.series(name, "p50_c1"))
+        added = None if is_direct else med(res.paired(name, "p50_c1", res.direct("p50_c1"), "-"))
+        p99_50 = med(res.series(name, "p99_c50"))
+        row = [
+            name,
+            fmt_rps(res, name, "rps_c50"),
+            fmt_ratio(x_direct),
+            fmt_ratio(x_hap),
+            fmt_rps(res, name, "rps_c50_alice"),
+            fmt_ratio(x_hap_a),
+            "-" if is_direct else fmt_num(res, cpu, ".2f", "cpu_100k", name),
+            fmt_num(res, p50, ".0f", "p50_c1", name),
+            "-" if added is None else f"{added:+.0f}",
+            fmt_num(res, p99_50, ".0f", "p99_c50", name),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def http_summary(res: Results) -> list[str]:
+    """Extra summary lines for http mode: the h11/httptools CPU ratio and the alice figures
+    that have no column."""
+    out = []
+    for sfx, what in (("", "no header"), ("_alice", "x-dev: alice")):
+        m = f"cpu_100k{sfx}"
+        ratio = med(res.paired("tpproxy-h11", m, res.of("tpproxy", m), "/"))
+        if ratio is not None:
+            out.append(f"tpproxy CPU per request, h11 / httptools ({what}, c=50): {ratio:.2f}x")
+    cpus = []
+    for name in res.names:
+        c = med(res.series(name, "cpu_100k_alice"))
+        a = med(res.paired(name, "p50_c1_alice", res.direct("p50_c1_alice"), "-"))
+        if c is not None:
+            cpus.append(f"{name} {c:.2f}" + ("" if a is None else f" (added p50 c=1 {a:+.0f} us)"))
+    if cpus:
+        out.append("with x-dev: alice, CPU s/100k req at c=50: " + ", ".join(cpus))
+    return out
 
 
 def render_rounds(res: Results) -> str:
@@ -902,7 +1251,8 @@ def machine_info() -> str:
             f"- wrk: {first_line(['wrk', '-v'])}",
             f"- iperf3: {first_line(['iperf3', '--version'])}",
             f"- python: {sys.version.split()[0]} ({sys.executable})",
-            f"- uvloop: {pkg_version('uvloop')}, tpproxy: {pkg_version('tpproxy')}",
+            f"- uvloop: {pkg_version('uvloop')}, httptools: {pkg_version('httptools')}, "
+            f"h11: {pkg_version('h11')}, tpproxy: {pkg_version('tpproxy')}",
         ]
     )
 
@@ -960,7 +1310,10 @@ def parse_size(text: str) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument(
-        "--mode", choices=sorted(MODES), default="tcp", help="what is compared (only tcp today)"
+        "--mode",
+        choices=sorted(MODES),
+        default="tcp",
+        help="tcp: blind forwarding (default); http: per-request routing by the x-dev header",
     )
     p.add_argument(
         "--duration", type=int, default=10, help="whole seconds per wrk run (default 10)"
@@ -969,14 +1322,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=3, help="round-robin rounds; medians are reported (default 3)"
     )
     p.add_argument(
-        "--bulk", default="1G", help="bytes per iperf3 transfer, e.g. 1G or 256M (default 1G)"
+        "--bulk",
+        default="1G",
+        help="bytes per iperf3 transfer, e.g. 1G or 256M (default 1G; tcp mode only)",
     )
-    p.add_argument("--skip-bulk", action="store_true", help="no iperf3 bulk transfers")
+    p.add_argument(
+        "--skip-bulk", action="store_true", help="no iperf3 bulk transfers (http mode has none)"
+    )
     p.add_argument(
         "--only", default="", help="comma-separated contenders (default: all of the mode)"
     )
     args = p.parse_args(argv)
     args.bulk_bytes = parse_size(args.bulk)
+    if args.mode == "http":
+        args.skip_bulk = True
     known = [c.name for c in MODES[args.mode]]
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = [x for x in only if x not in known]
@@ -1011,18 +1370,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     res = Results(names, {c.name: c.role for c in args.contenders})
     noise = NoiseLog()
+    after_failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="tpproxy-bench-") as tmp_name:
         bench = Bench(Path(tmp_name))
         sink: HashSink | None = None
+        http_mode = args.mode == "http"
         try:
-            up, sink = start_upstream(bench, env)
+            if http_mode:
+                up = start_http_upstreams(bench, env)
+            else:
+                up, sink = start_upstream(bench, env)
             running: dict[str, Running] = {}
             for c in args.contenders:
                 try:
                     run = c.start(bench, up, env)
-                    check_http(run.ports.http)
-                    check_bytes(run.ports.check)
-                    run_wrk(run.ports.http, 50, 1)  # warm-up, must also be error-free
+                    if http_mode:
+                        check_routing(run, up)
+                        for alice in (False, True):  # warm-ups, must also be error-free
+                            port, headers = load_target(run, alice)
+                            run_wrk(port, 50, 1, headers)
+                    else:
+                        check_http(run.ports.http)
+                        check_bytes(run.ports.check)
+                        run_wrk(run.ports.http, 50, 1)  # warm-up, must also be error-free
                 except BenchError as e:
                     if c.name == "nginx-stream" and not NGINX_STREAM_MODULE.exists():
                         notes.append(f"nginx-stream skipped: {one_line(str(e), 300)}")
@@ -1035,13 +1405,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"!! {notes[-1]}", flush=True)
                     continue
                 running[c.name] = run
-                print(
-                    f"ok: {c.name} forwards correctly (HTTP keep-alive, {CHECK_BYTES >> 20} MiB checksum, warm-up)",
-                    flush=True,
-                )
+                if http_mode:
+                    print(
+                        f"ok: {c.name} routes correctly ({ROUTING_REPEATS * len(ROUTING_PROBES)} "
+                        "mixed requests on one keep-alive connection, warm-ups)"
+                        if run.routes
+                        else f"ok: {c.name} answers app/alice/bob on their own ports, warm-ups",
+                        flush=True,
+                    )
+                else:
+                    print(
+                        f"ok: {c.name} forwards correctly (HTTP keep-alive, {CHECK_BYTES >> 20} MiB checksum, warm-up)",
+                        flush=True,
+                    )
 
-            kinds = ["c1", "c50"] + ([] if args.skip_bulk else ["bulk"])
+            if http_mode:
+                kinds = ["c1", "c50", "c1-alice", "c50-alice"]
+            else:
+                kinds = ["c1", "c50"] + ([] if args.skip_bulk else ["bulk"])
             order = [n for n in names if n in running]
+            width = max(len(k) for k in kinds)
             for rnd in range(args.rounds):
                 rot = rnd % max(len(order), 1)
                 this_order = order[rot:] + order[:rot]
@@ -1051,22 +1434,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name in this_order:
                         cell = measure(kind, name, running[name], args, noise)
                         res.rounds[-1][name][kind] = cell
-                        print(f"  {name:<13} {kind:<4} {fmt_cell(kind, cell)}", flush=True)
+                        print(f"  {name:<13} {kind:<{width}} {fmt_cell(kind, cell)}", flush=True)
+            if http_mode:  # still routing correctly after all that load?
+                for name, run in running.items():
+                    try:
+                        check_routing(run, up)
+                    except BenchError as e:
+                        after_failed[name] = one_line(str(e), 300)
+                        notes.append(
+                            f"{name} failed the routing check AFTER the timed runs: "
+                            f"{after_failed[name]}"
+                        )
+                        print(f"!! {notes[-1]}", flush=True)
+                if running and not after_failed:
+                    notes.append(
+                        f"routing re-checked after the timed runs: {', '.join(running)} all correct"
+                    )
         finally:
             if sink is not None:
                 sink.close()
             bench.stop_all()
 
-    table = render_table(res, args.skip_bulk, failed, skipped)
+    if args.mode == "http":
+        table = render_http_table(res, failed, skipped)
+    else:
+        table = render_table(res, args.skip_bulk, failed, skipped)
     any_invalid = any(c.error for r in res.rounds for cells in r.values() for c in cells.values())
     fmax = max(noise.foreign, default=0.0)
+    if args.mode == "http":
+        load = "no bulk in http mode; each wrk run done without the header (-> app) and with x-dev: alice"
+    else:
+        load = "bulk " + (
+            "skipped" if args.skip_bulk else f"{args.bulk} ({args.bulk_bytes} bytes) per iperf3 run"
+        )
     summary = [
-        f"rounds {args.rounds}, wrk {args.duration:g}s per run, bulk "
-        + ("skipped" if args.skip_bulk else f"{args.bulk} ({args.bulk_bytes} bytes) per iperf3 run")
+        f"rounds {args.rounds}, wrk {args.duration:g}s per run, {load}"
         + "; medians across rounds, ratios are per-round ratios then median.",
         f"foreign CPU: {noise.runs} timed runs, {noise.discarded} discarded (> {DIRTY_CORES} cores) and repeated, "
         f"{noise.kept_dirty} kept after {RETRIES} retries still noisy (marked *), "
         f"{noise.quiet_timeouts} quiet-waits timed out; max foreign {fmax:.2f} cores.",
+        *(http_summary(res) if args.mode == "http" else []),
         *notes,
     ]
     if any_invalid:
@@ -1084,7 +1491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = RESULTS_DIR / f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.md"
     out.write_text(report)
     print(f"\nwritten to {out}")
-    return 1 if any_invalid or failed.keys() - skipped else 0
+    return 1 if any_invalid or after_failed or failed.keys() - skipped else 0
 
 
 if __name__ == "__main__":
