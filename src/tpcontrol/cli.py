@@ -1,25 +1,177 @@
-"""`tpcontrol`: the developer-facing command; `demo` is the README's first command."""
+"""`tpcontrol`: the control side's commands. `demo` is the README's first command.
+
+Every option can also come from the environment as TPCONTROL_<OPTION> (e.g.
+TPCONTROL_AGENT_IMAGE); an option given on the command line wins.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import msgspec
 import uvloop
 
 from tpcontrol import __version__
+from tpproxy.logs import setup_logging
+
+EXIT_USAGE = 2
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get("TPCONTROL_" + name.upper().replace("-", "_"), default)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpcontrol", description="Control traffic intercepts.")
     parser.add_argument("--version", action="version", version=f"tpcontrol {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=_env("log-level", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument(
+        "--log-format", default=_env("log-format", "plain"), choices=["plain", "json"]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser(
         "demo",
         help="run a local intercept demo: an app, the engine in front, an intercept on and off",
     )
     demo.add_argument("--requests", type=int, default=3, help="requests sent per step (1-100)")
+
+    hook = sub.add_parser("webhook", help="run the agent-injector admission webhook (HTTPS)")
+    hook.add_argument("--listen", default=_env("listen", "0.0.0.0:8443"), metavar="HOST:PORT")
+    hook.add_argument(
+        "--tls-dir",
+        default=_env("tls-dir", "/var/run/secrets/tls"),
+        help="tls.crt and tls.key here (reloaded when they change)",
+    )
+    hook.add_argument(
+        "--self-signed",
+        action="store_true",
+        help="make a CA and certificate in --tls-dir if tls.crt is missing",
+    )
+    hook.add_argument(
+        "--tls-name",
+        action="append",
+        default=[],
+        help="DNS name for a self-signed certificate (repeatable)",
+    )
+    hook.add_argument("--kubeconfig", default=_env("kubeconfig"))
+    _generator_options(hook)
+    hook.add_argument(
+        "--inject-policy",
+        default=_env("inject-policy", "OnDemand"),
+        choices=["OnDemand", "WhenEnabled"],
+    )
+
+    config = sub.add_parser(
+        "webhook-config", help="print the MutatingWebhookConfiguration to apply (JSON)"
+    )
+    target = config.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="https URL of the webhook (…/traffic-agent)")
+    target.add_argument(
+        "--service",
+        metavar="NAMESPACE/NAME[:PORT]",
+        help="the webhook's Service (port defaults to 443)",
+    )
+    config.add_argument("--ca-file", required=True, type=Path, help="the CA that signed the cert")
     return parser
+
+
+def _generator_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--agent-image", default=_env("agent-image", "docker.io/tpproxy/agent:0.1.0")
+    )
+    parser.add_argument("--manager-namespace", default=_env("manager-namespace", "ambassador"))
+    parser.add_argument("--agent-port", type=int, default=int(_env("agent-port", "9900") or 9900))
+    parser.add_argument("--api-port", type=int, default=int(_env("api-port", "0") or 0))
+    parser.add_argument("--agent-log-level", default=_env("agent-log-level", "info"))
+
+
+def _fail(message: str) -> int:
+    print(f"tpcontrol: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+async def _run_webhook(args: argparse.Namespace) -> int:
+    from tpcontrol.agentconfig import GeneratorSettings
+    from tpcontrol.kube import api_client
+    from tpcontrol.webhook import (
+        Injector,
+        ReloadingTls,
+        WebhookServer,
+        WebhookSettings,
+        self_signed,
+        start,
+    )
+    from tpproxy.targets import Address
+
+    listen = Address.parse(args.listen)
+    tls_dir = Path(args.tls_dir)
+    cert, key = tls_dir / "tls.crt", tls_dir / "tls.key"
+    if not cert.exists() or not key.exists():
+        if not args.self_signed:
+            return _fail(f"{cert} or {key} is missing (give --self-signed to make them)")
+        self_signed(tls_dir, listen.host, args.tls_name or ["agent-injector"])
+    settings = WebhookSettings(
+        GeneratorSettings(
+            agent_image=args.agent_image,
+            manager_namespace=args.manager_namespace,
+            agent_port=args.agent_port,
+            api_port=args.api_port,
+            log_level=args.agent_log_level,
+        ),
+        inject_policy=args.inject_policy,
+    )
+    async with api_client(args.kubeconfig) as api:
+        server = WebhookServer(Injector(api, settings))
+        runner, port = await start(server, listen.host, listen.port, ReloadingTls(cert, key))
+        print(f"agent injector listening on https://{listen.host}:{port}/traffic-agent", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+    return 0
+
+
+def _webhook_config(args: argparse.Namespace) -> int:
+    from tpcontrol.webhook import webhook_configuration
+
+    try:
+        ca = args.ca_file.read_bytes()
+    except OSError as exc:
+        return _fail(f"--ca-file {args.ca_file}: {exc.strerror or exc}")
+    if b"BEGIN CERTIFICATE" not in ca:
+        return _fail(f"--ca-file {args.ca_file}: not a PEM certificate")
+    if args.url:
+        if not args.url.startswith("https://"):
+            return _fail(f"--url {args.url!r}: must be an https:// URL")
+        doc = webhook_configuration(url=args.url, ca_bundle=ca)
+    else:
+        ns, _, rest = args.service.partition("/")
+        name, _, port = rest.partition(":")
+        if not ns or not name or (port and not port.isdigit()):
+            return _fail(f"--service {args.service!r}: expected NAMESPACE/NAME[:PORT]")
+        service = {
+            "namespace": ns,
+            "name": name,
+            "path": "/traffic-agent",
+            "port": int(port or 443),
+        }
+        doc = webhook_configuration(service=service, ca_bundle=ca, namespaces_excluded=(ns,))
+    print(msgspec.json.format(msgspec.json.encode(doc)).decode())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,5 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tpcontrol.demo import run_demo
 
         return uvloop.run(run_demo(args.requests))
+    setup_logging(args.log_level, args.log_format)
+    if args.command == "webhook":
+        return uvloop.run(_run_webhook(args))
+    if args.command == "webhook-config":
+        return _webhook_config(args)
     parser.error(f"unknown command {args.command!r}")
-    return 2
+    return EXIT_USAGE
