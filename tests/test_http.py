@@ -61,7 +61,7 @@ class Rig:
         )
 
     def http_stats(self) -> dict[tuple[str, str], int]:
-        return dict(self.engine.stats.http(self.port).requests)
+        return self.engine.stats.http(self.port).outcomes()
 
 
 @asynccontextmanager

@@ -65,6 +65,7 @@ class Engine:
         self.http = http or HttpSettings()
         self._http_class = protocol_class(self.http.backend)
         self._reaper: asyncio.TimerHandle | None = None
+        self._clock = [0.0]  # loop time, ticked by the reaper: coarse, and free to read
         self.stats = StatsBook()
         self.generation = 0
         self.draining = False
@@ -119,7 +120,9 @@ class Engine:
             self.generation += 1
             self.started = True
             if self._reaper is None:
-                self._reaper = asyncio.get_running_loop().call_later(REAP_INTERVAL, self._reap)
+                loop = asyncio.get_running_loop()
+                self._clock[0] = loop.time()
+                self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
             if added or removed:
                 log.info("listening on %s (added %s, removed %s)", self.ports, added, removed)
 
@@ -174,6 +177,7 @@ class Engine:
                         settings=self.http,
                         connect_timeout=self.connect_timeout,
                         traffic=self.stats.entry(port, HTTP_ROUTE, HTTP_TARGET),
+                        clock=self._clock,
                         stats=self.stats.http(port),
                         on_open=self._open.add,  # type: ignore[arg-type]
                         on_close=self._closed,  # type: ignore[arg-type]
@@ -197,7 +201,7 @@ class Engine:
     def _reap(self) -> None:
         """Header and idle timeouts of HTTP connections, checked twice a second for all."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._clock[0] = loop.time()
         for conn in list(self._open):
             if isinstance(conn, HttpProxy):
                 conn.check_timeouts(now)

@@ -66,7 +66,7 @@ class EngineCollector(Collector):
             labels=["port"],
         )
         for h in self.engine.stats.http_entries():
-            for (route, outcome), count in list(h.requests.items()):
+            for (route, outcome), count in h.outcomes().items():
                 requests.add_metric([str(h.port), route, outcome], count)
             cumulative, buckets = 0, []
             for bound, count in zip(LATENCY_BUCKETS, h.latency_counts, strict=False):

@@ -7,7 +7,7 @@ collector in `tpproxy.metrics` reads them only when `/metrics` is scraped.
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True, eq=False)
@@ -87,10 +87,19 @@ class HttpStats:
     latency_counts: list[int]
     latency_sum: float = 0.0
     latency_count: int = 0
+    ticks: int = 0  # requests seen, for sampling the added latency
+    forwarded: dict[str, int] = field(default_factory=dict)  # by route: the hot counter
 
     def count(self, route: str, outcome: str) -> None:
         key = (route, outcome)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def outcomes(self) -> dict[tuple[str, str], int]:
+        """Every (route, outcome) count, `forwarded` included."""
+        merged = dict(self.requests)
+        for route, count in list(self.forwarded.items()):
+            merged[(route, "forwarded")] = count
+        return merged
 
     def observe(self, seconds: float) -> None:
         self.latency_sum += seconds

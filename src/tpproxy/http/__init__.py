@@ -1,7 +1,7 @@
 """HTTP/1.1 mode: per-request routing on keep-alive connections, with two parser backends."""
 
 from tpproxy.http.protocol import HttpProxy
-from tpproxy.http.request import BadRequest, RequestHead, precheck_head
+from tpproxy.http.request import BadRequest, RequestHead
 from tpproxy.routing import PortRoutes as PortRouting
 
 BACKENDS = ("httptools", "h11")
@@ -31,7 +31,6 @@ def explain(routes: PortRouting, request_head: bytes, backend: str = "h11") -> l
 
     parse = h11_impl.parse_request_head if backend == "h11" else httptools_impl.parse_request_head
     try:
-        precheck_head(request_head)
         head = parse(request_head, 1000)
     except BadRequest as exc:
         return [f"refused with {exc.status}: {exc}"]

@@ -46,6 +46,8 @@ TUNNEL = Framing("tunnel")
 
 
 def _content_length(values: list[bytes]) -> int:
+    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
+        return int(values[0])  # the usual case, decided without splitting
     lengths = set()
     for value in values:
         for part in value.split(b","):
@@ -156,37 +158,63 @@ class ResponseHead:
         return self.http10 and b"keep-alive" not in tokens
 
 
+_NONE: list[bytes] = []  # shared and never appended to
+
+
+def _values(low: bytes, marker: bytes) -> list[bytes]:
+    """The values of every field whose lower-cased line starts with `marker` (`\r\nname:`)."""
+    found = []
+    at = low.find(marker)
+    while at >= 0:
+        stop = low.find(b"\r\n", at + len(marker))
+        found.append(low[at + len(marker) : stop].strip(b" \t"))
+        at = low.find(marker, stop)
+    return found
+
+
 def read_response_head(
     data: bytes, start: int, end: int, request_method: str
-) -> tuple[int, Framing, bool]:
-    """Status, body framing and whether the server closes after it, for the response head in
-    `data[start:end]` (ending with CRLF CRLF). One pass, no copies: this runs per response."""
+) -> tuple[int, str, int, bool]:
+    """Status, body framing (kind and length) and whether the server closes after it, for the
+    response head in `data[start:end]` (ending with CRLF CRLF).
+
+    This runs for every response, so it looks for the three fields it needs with `find` on one
+    lower-cased copy of the head (a regex pass costs twice as much). A field written with space
+    before its colon is not recognised; without a length the body then runs until the server
+    closes, which is safe.
+    """
     match = _STATUS_LINE.match(data, start, end)
     if match is None:
         line = data[start:end].split(b"\r\n", 1)[0][:80].decode("latin-1")
         raise FramingError(f"malformed status line {line!r}")
-    lengths: list[bytes] = []
-    encodings: list[bytes] = []
+    low = data[match.end() - 2 : end].lower()
+    lengths = _values(low, b"\r\ncontent-length:") if b"\r\ncontent-length:" in low else _NONE
+    encodings = (
+        _values(low, b"\r\ntransfer-encoding:") if b"\r\ntransfer-encoding:" in low else _NONE
+    )
     close = keep_alive = False
-    for field_match in _RESPONSE_FIELDS.finditer(data, match.end() - 2, end):
-        name, value = field_match[1].lower(), field_match[2]
-        if name == b"content-length":
-            lengths.append(value)
-        elif name == b"transfer-encoding":
-            encodings.append(value)
-        else:
-            value = value.lower()
-            if value == b"close":
-                close = True
-            elif value == b"keep-alive":
+    if b"\r\nconnection:" in low:
+        for value in _values(low, b"\r\nconnection:"):
+            if value == b"keep-alive":
                 keep_alive = True
+            elif value == b"close":
+                close = True
             else:
                 tokens = {t.strip(b" \t") for t in value.split(b",")}
                 close = close or b"close" in tokens
                 keep_alive = keep_alive or b"keep-alive" in tokens
     status = int(match[2])
     closes = close or (match[1] == b"0" and not keep_alive)
-    return status, _response_body(status, request_method, lengths, encodings), closes
+    if (
+        lengths
+        and not encodings
+        and status >= 200
+        and status not in (204, 304)
+        and (request_method not in ("HEAD", "CONNECT"))
+    ):
+        return status, "length", _content_length(lengths), closes
+    framing = _response_body(status, request_method, lengths, encodings)
+    return status, framing.kind, framing.length, closes
 
 
 def parse_response_head(head: bytes) -> ResponseHead:

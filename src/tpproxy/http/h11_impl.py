@@ -5,11 +5,11 @@ from __future__ import annotations
 import h11
 
 from tpproxy.http.protocol import HttpProxy
-from tpproxy.http.request import BadRequest, RequestHead
+from tpproxy.http.request import BadRequest, Headers, RequestHead, request_head
 
 
-def parse_request_head(head: bytes, max_headers: int) -> RequestHead:
-    """Parse one head (ending with CRLF CRLF) with h11; BadRequest on anything malformed."""
+def parse_headers(head: bytes, max_headers: int) -> Headers:
+    """The header fields of one head (ending with CRLF CRLF), validated by h11."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
     conn.receive_data(head)
     try:
@@ -24,15 +24,12 @@ def parse_request_head(head: bytes, max_headers: int) -> RequestHead:
     raw = event.headers.raw_items()
     if len(raw) > max_headers:
         raise BadRequest(431, f"more than {max_headers} header fields")
-    version = event.http_version.decode("ascii")
-    if version not in ("1.1", "1.0"):
-        raise BadRequest(505, f"HTTP/{version} is not supported")
-    return RequestHead(
-        event.method.decode("ascii"),
-        event.target.decode("latin-1"),
-        version == "1.0",
-        list(raw),
-    )
+    return list(raw)
+
+
+def parse_request_head(head: bytes, max_headers: int) -> RequestHead:
+    """Parse one head with the shared checks and h11; BadRequest on anything malformed."""
+    return request_head(head, lambda h: parse_headers(h, max_headers))
 
 
 class H11Proxy(HttpProxy):
@@ -43,4 +40,7 @@ class H11Proxy(HttpProxy):
     backend = "h11"
 
     def parse_head(self, head: bytes) -> RequestHead:
-        return parse_request_head(head, self.settings.max_headers)
+        return request_head(head, self._headers)
+
+    def _headers(self, head: bytes) -> Headers:
+        return parse_headers(head, self.settings.max_headers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tpproxy.http.framing import Framing, FramingError, framing_of
@@ -70,14 +71,15 @@ _REQUEST_LINE = re.compile(
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def precheck_head(head: bytes) -> None:
+def precheck_head(head: bytes) -> tuple[str, str, bool]:
     """The checks both backends share, made before either parses: the stricter rule of the two
     wherever they differ, so that they accept, refuse and route the same requests.
 
     Refused: a request line not of the form `METHOD SP TARGET SP HTTP/x.y` (target in visible
     ASCII), a method llhttp does not know (501), a version other than 1.0 or 1.1 (505), a bare
     CR or LF (parsers would disagree on where the head ends), obsolete line folding, and control
-    characters in header fields.
+    characters in header fields. Returns the method, target and whether it is HTTP/1.0, so that
+    both backends take the request line from the same place.
     """
     line = _REQUEST_LINE.match(head)
     if line is None:
@@ -95,6 +97,16 @@ def precheck_head(head: bytes) -> None:
     control = _CONTROL.search(head, line.end())
     if control is not None:
         raise BadRequest(400, f"malformed request: control character {control[0]!r} in a header")
+    return line[1].decode("ascii"), line[2].decode("ascii"), line[4] == b"0"
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def request_head(head: bytes, parse_headers: Callable[[bytes], Headers]) -> RequestHead:
+    """The shared checks, then a backend's header parsing: what both backends' protocols do."""
+    method, target, http10 = precheck_head(head)
+    return RequestHead(method, target, http10, parse_headers(head))
 
 
 @dataclass(slots=True)
