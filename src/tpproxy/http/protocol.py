@@ -619,13 +619,18 @@ class HttpProxy(asyncio.Protocol):
             if self.closing or upstream.closed:
                 upstream.close()
 
-    def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
-        upstream.failed = upstream.closed = True
+    def _forget(self, upstream: Upstream) -> None:
+        """An upstream that takes no more requests: out of the pool, and no longer holding the
+        client's reading back."""
         if self.upstreams.get(upstream.target.label) is upstream:
             del self.upstreams[upstream.target.label]
         if upstream.full:
             upstream.full = False
             self.upstream_full(False)
+
+    def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
+        upstream.failed = upstream.closed = True
+        self._forget(upstream)
         if self.closing:
             return
         log.warning("port %d: cannot reach %s: %s", self.ctx.port, upstream.target.label, reason)
@@ -775,11 +780,7 @@ class HttpProxy(asyncio.Protocol):
         self._update_reading()
 
     def upstream_lost(self, upstream: Upstream, exc: Exception | None) -> None:
-        if self.upstreams.get(upstream.target.label) is upstream:
-            del self.upstreams[upstream.target.label]
-        if upstream.full:
-            upstream.full = False
-            self.upstream_full(False)
+        self._forget(upstream)
         if self.closing:
             return
         if upstream is self.tunnel:
