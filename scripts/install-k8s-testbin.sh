@@ -6,6 +6,9 @@
 # Needs root (apt-get). Cold: about 5-10 minutes on 2 cores and ~4 GiB of scratch disk.
 set -euo pipefail
 K8S_TESTBIN=${K8S_TESTBIN:-$HOME/.cache/k8s-testbin/v1.20.2}
+if ! command -v kubectl >/dev/null; then  # the deploy tests run `kubectl apply --dry-run=server`
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+fi
 have() { [ -x "$K8S_TESTBIN/kube-apiserver" ] && [ -x "$K8S_TESTBIN/kube-controller-manager" ] && command -v etcd >/dev/null; }
 if have; then echo "k8s test binaries in $K8S_TESTBIN"; exit 0; fi
 export DEBIAN_FRONTEND=noninteractive

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
         choices=["OnDemand", "WhenEnabled"],
     )
 
+    manager = sub.add_parser("manager", help="run the traffic-manager (HTTP API on --listen)")
+    manager.add_argument("--listen", default=_env("listen", "0.0.0.0:8081"), metavar="HOST:PORT")
+    manager.add_argument("--kubeconfig", default=_env("kubeconfig"))
+    manager.add_argument(
+        "--image-resolver-url",
+        default=_env("image-resolver-url"),
+        help='asked once for {"image": ...}: the preferred agent image',
+    )
+    _generator_options(manager)
+
     config = sub.add_parser(
         "webhook-config", help="print the MutatingWebhookConfiguration to apply (JSON)"
     )
@@ -93,6 +104,15 @@ def _generator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent-port", type=int, default=int(_env("agent-port", "9900") or 9900))
     parser.add_argument("--api-port", type=int, default=int(_env("api-port", "0") or 0))
     parser.add_argument("--agent-log-level", default=_env("agent-log-level", "info"))
+
+
+async def _until_signalled() -> None:
+    """Serve until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def _fail(message: str) -> int:
@@ -134,13 +154,31 @@ async def _run_webhook(args: argparse.Namespace) -> int:
         server = WebhookServer(Injector(api, settings))
         runner, port = await start(server, listen.host, listen.port, ReloadingTls(cert, key))
         print(f"agent injector listening on https://{listen.host}:{port}/traffic-agent", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        import signal
+        await _until_signalled()
+        await runner.cleanup()
+    return 0
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+
+async def _run_manager(args: argparse.Namespace) -> int:
+    from tpcontrol.kube import api_client
+    from tpcontrol.manager import Manager, ManagerSettings
+    from tpproxy.targets import Address
+
+    listen = Address.parse(args.listen)
+    settings = ManagerSettings(
+        namespace=args.manager_namespace,
+        agent_image=args.agent_image,
+        image_resolver_url=args.image_resolver_url,
+        agent_port=args.agent_port,
+        api_port=args.api_port,
+        agent_log_level=args.agent_log_level,
+    )
+    async with api_client(args.kubeconfig) as api:
+        manager = Manager(api, settings)
+        runner, port = await manager.start(listen.host, listen.port)
+        print(f"traffic-manager listening on http://{listen.host}:{port}", flush=True)
+        await _until_signalled()
+        await manager.stop()
         await runner.cleanup()
     return 0
 
@@ -187,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.command == "webhook":
         return uvloop.run(_run_webhook(args))
+    if args.command == "manager":
+        return uvloop.run(_run_manager(args))
     if args.command == "webhook-config":
         return _webhook_config(args)
     parser.error(f"unknown command {args.command!r}")

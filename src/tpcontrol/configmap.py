@@ -81,6 +81,19 @@ class AgentConfigStore:
 
         return await self.update(sidecar.namespace, edit)
 
+    async def create(self, sidecar: Sidecar) -> bool:
+        """Store the entry only if the key is absent (or a `create` placeholder); False if not."""
+        text = encode_sidecar(sidecar).decode()
+        key = sidecar.agent_name
+
+        def edit(data: dict[str, str]) -> dict[str, str] | None:
+            current = data.get(key)
+            if current is not None and not _is_placeholder(current):
+                return None
+            return {**data, key: text}
+
+        return await self.update(sidecar.namespace, edit)
+
     async def delete(self, namespace: str, name: str) -> bool:
         """Remove one entry; False when it was not there."""
 
@@ -119,3 +132,10 @@ class AgentConfigStore:
         raise StoreConflict(
             f"{namespace}/{CONFIGMAP_NAME}: still conflicting after {MAX_ATTEMPTS} attempts"
         )
+
+
+def _is_placeholder(text: str) -> bool:
+    try:
+        return decode_sidecar(text).create
+    except ConfigError:
+        return False

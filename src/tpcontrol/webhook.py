@@ -2,9 +2,13 @@
 
 Each new pod whose workload has an entry in the namespace's `telepresence-agents` ConfigMap (or
 that is annotated `inject-traffic-agent: enabled`) gets a JSON patch that adds the agent, built
-from a config regenerated from the workload and its services. Unlike Telepresence 2.6, a user
-error never rejects the pod: it is admitted unchanged, with an AdmissionReview warning and a log
-line, so a broken intercept set-up cannot stop a workload from scaling.
+from that entry (or, for an annotated pod without one, from a config generated from the workload
+and its services, which is then stored). Unlike 2.6, an existing entry is not regenerated and
+rewritten here: the manager owns it, and a concurrent rewrite could undo a newer one.
+
+Unlike Telepresence 2.6, a user error never rejects the pod: it is admitted unchanged, with an
+AdmissionReview warning and a log line, so a broken intercept set-up cannot stop a workload
+from scaling.
 """
 
 from __future__ import annotations
@@ -162,16 +166,22 @@ class Injector:
             return Outcome(reason=f"{where}: no agent config for its workload")
         if entry is not None and entry.manual:
             return Outcome(reason=f"{where}: manually injected ({entry.agent_name})")
-        workload = await self.workloads.owner_workload(pod, namespace)
-        if workload is None:
-            problem = "has no Deployment, ReplicaSet or StatefulSet controller"
-            if enabled:
-                return Outcome(warnings=[f"{where} {problem}; traffic-agent not injected"])
-            return Outcome(reason=f"{where} {problem}")
-        services = await self.workloads.services(namespace)
-        sidecar: Sidecar = generate(workload, services, self.settings.generator)
-        if await self.store.put(sidecar):
-            log.info("%s: stored the agent config of %s", where, sidecar.agent_name)
+        if entry is not None and not entry.create:
+            # The manager owns existing entries (prepare and upgrade regenerate them): the pod is
+            # patched from the entry as stored, which is also what its agent will read. Writing
+            # a regeneration here could overwrite a newer entry written in between.
+            sidecar: Sidecar = entry
+        else:
+            workload = await self.workloads.owner_workload(pod, namespace)
+            if workload is None:
+                problem = "has no Deployment, ReplicaSet or StatefulSet controller"
+                if enabled:
+                    return Outcome(warnings=[f"{where} {problem}; traffic-agent not injected"])
+                return Outcome(reason=f"{where} {problem}")
+            services = await self.workloads.services(namespace)
+            sidecar = generate(workload, services, self.settings.generator)
+            if await self.store.create(sidecar):
+                log.info("%s: stored the agent config of %s", where, sidecar.agent_name)
         patch = pod_patch(pod, sidecar, agent_command=self.settings.agent_command)
         return Outcome(patch=patch, reason=f"{where}: {len(patch)} patch operation(s)")
 

@@ -1,0 +1,872 @@
+"""The traffic-manager's in-memory state: sessions, intercepts and the rules between them.
+
+Plain Python on purpose: no asyncio, no I/O, no Kubernetes. The manager service
+(`tpcontrol.manager`) calls these methods from its request handlers, compares `version` (or
+listens to `on_change`) to wake its watchers, and calls `expire()` and `check_waiting()` from a
+housekeeping loop. Keeping the rules here means they are tested with a fake clock, without an
+API server or a single sleep. Everything runs on the event loop's thread, so no locking.
+
+What the state keeps (spec 4.5 and 6, in our own JSON API):
+
+- Sessions. `arrive_client` / `arrive_agent` return an unguessable session id
+  (`secrets.token_urlsafe`); `remain` is the heartbeat; sessions not heard from for longer than
+  their TTL (agents 15 s, clients 24 h) are dropped by `expire`, with the same effects as
+  `depart`. Note that, as in Telepresence 2.6, an intercept id is `<clientSessionId>:<name>` and
+  is shown to agents and, in conflict messages, to other clients; the session id is therefore not
+  a secret from those parties, only from everyone else.
+- Intercepts, created by clients and reviewed by agents. Their dispositions:
+
+  ============ =================================================================================
+  WAITING     Set by the manager on creation (message "Waiting for the agent"), when an agent
+              arrives for a NO_AGENT / NO_MECHANISM intercept, and when the pod that made it
+              ACTIVE (or AGENT_ERROR) goes away. Agents apply WAITING intercepts and review them.
+  ACTIVE      Set by an agent's review: its routes are applied; `podIp`, `environment` and
+              `mechanismDesc` describe the serving pod.
+  AGENT_ERROR Set by an agent's review: the agent could not apply the intercept (message says why).
+  BAD_ARGS    Set by an agent's review: the intercept's arguments are invalid for the agent. The
+              manager never overwrites it; only that agent's pod or the client's removal ends it.
+  NO_AGENT    Set by `check_waiting`: no agent of the workload appeared within `no_agent_timeout`
+              of the intercept starting to wait. The intercept stays listed; the client decides
+              whether to leave. An agent's arrival turns it back to WAITING.
+  NO_MECHANISM Set by the manager when agents of the workload are present but none of them
+              advertises the intercept's mechanism (an `http` intercept on a tcp-only agent).
+              An agent that has it turns it back to WAITING.
+  REMOVED     Never stored: the disposition of the copies that removals return, so the caller
+              can tell watchers what ended.
+  ============ =================================================================================
+
+  (2.6's NO_CLIENT and NO_PORTS were never set by 2.6 either and are left out.)
+
+Decisions where the spec is silent or where we differ from 2.6 on purpose:
+
+- Conflicts are decided by the manager at creation, not by the agent. 2.6's OSS agent served one
+  intercept per pod; our agent routes per port and per request, so the manager applies the
+  rules the agent's route table enforces (`tpproxy.routing.port_routes`): a `tcp` intercept
+  owns a whole port, `http` intercepts share one unless their rules are identical. Refusing
+  here gives the client an immediate error naming both intercepts instead of an AGENT_ERROR
+  later, and guarantees that the specs an agent receives never make its route table fail.
+- A port is the same port when either the container port or the agent port is equal. Agent
+  ports are allocated one per container port number (spec 1.6), so the two normally agree;
+  comparing both also catches a request whose fields disagree with each other.
+- Every listed intercept claims its port, whatever its disposition, because a NO_AGENT or
+  WAITING intercept becomes ACTIVE as soon as an agent shows up (stale claims end with the
+  owning session, as spec 6.4 describes).
+- Http rules are compared as the agent will apply them: header names lower-cased, headers as a
+  set of (name, op, value), methods upper-cased as a set, and an intercept with no rule at all
+  compared by Telepresence's default rule (`x-telepresence-intercept-id` equal to its id), so two
+  rule-less http intercepts never conflict.
+- Reviews: while WAITING the first review wins (any agent of the workload). Afterwards only the
+  pod that won (identified by `podName`, or by the session id when the agent gave no pod name)
+  may change the disposition, e.g. ACTIVE -> AGENT_ERROR and back when it re-applies after a
+  reconnect with a new session. Reviews that do not apply are ignored (`review` returns False),
+  as 2.6 ignores reviews of intercepts that are no longer WAITING.
+- Agent departure: when the pod that reviewed an intercept has no session left, the intercept
+  goes back to WAITING so that a remaining replica reviews it and its pod IP is current (2.6
+  does this for ACTIVE); when the last agent of the workload leaves, ACTIVE and AGENT_ERROR
+  intercepts go back to WAITING and the NO_AGENT timer restarts from that moment, so a
+  rollout does not turn a long-lived intercept into NO_AGENT at once.
+- NO_MECHANISM is set only when no present agent has the mechanism: during a rollout from an
+  older agent, some pods having it is enough to serve (and a hard error would make the client
+  leave).
+- `to_agent_specs` gives an agent only intercepts whose mechanism it advertises.
+- `createdAt` is wall-clock time (`wall_clock`, seconds since the epoch) because clients show
+  it; TTLs and timeouts use the monotonic `clock`.
+- Objects handed out (snapshots, returned intercepts) are shared with the state and frozen;
+  callers must not mutate their lists and dicts. Inputs are copied (and type-checked) on entry,
+  so a caller keeping a reference to what it passed in cannot change the state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import msgspec
+
+from tpproxy.config import WorkloadKind
+from tpproxy.routing import DEFAULT_INTERCEPT_HEADER, HeaderRule, RuleError, ValueRule
+from tpproxy.specs import HeaderMatch, InterceptSpec, PathMatch
+
+__all__ = [
+    "WAITING_MESSAGE",
+    "AgentInfo",
+    "AlreadyExists",
+    "ClientInfo",
+    "Conflict",
+    "Disposition",
+    "Expired",
+    "HeaderMatch",
+    "Intercept",
+    "InterceptRequest",
+    "InvalidArgument",
+    "ManagerState",
+    "Mechanism",
+    "NotFound",
+    "PathMatch",
+    "PermissionDenied",
+    "Review",
+    "ReviewDisposition",
+    "StateError",
+]
+
+Mechanism = Literal["tcp", "http"]
+Disposition = Literal[
+    "WAITING", "ACTIVE", "AGENT_ERROR", "BAD_ARGS", "NO_AGENT", "NO_MECHANISM", "REMOVED"
+]
+ReviewDisposition = Literal["ACTIVE", "AGENT_ERROR", "BAD_ARGS"]
+
+WAITING_MESSAGE = "Waiting for the agent"
+MAX_PORT = 65535
+
+# Intercept names end up in ids, URLs (`DELETE .../intercepts/{name}`) and file names.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME_MAX = 253
+_PORT_IDENTIFIER = re.compile(r"(?:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)(?:/(?:TCP|UDP))?")
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_AGENT_SET: frozenset[str] = frozenset({"ACTIVE", "AGENT_ERROR", "BAD_ARGS"})
+_AGENT_VISIBLE: frozenset[str] = frozenset({"WAITING", "ACTIVE", "AGENT_ERROR"})
+
+
+# -- Errors -----------------------------------------------------------------------------------
+
+
+class StateError(Exception):
+    """A refused operation; `code` is the error kind as the JSON API reports it."""
+
+    code = "state_error"
+
+
+class NotFound(StateError):
+    """A session or intercept that does not exist (or no longer does)."""
+
+    code = "not_found"
+
+
+class AlreadyExists(StateError):
+    """An intercept with the same id (same client session, same name) exists."""
+
+    code = "already_exists"
+
+
+class Conflict(StateError):
+    """An intercept that cannot share its port with an existing one; names both."""
+
+    code = "conflict"
+
+
+class InvalidArgument(StateError):
+    """A request with a missing or malformed field; the message names the field."""
+
+    code = "invalid_argument"
+
+
+class PermissionDenied(StateError):
+    """A session acting on something that is not its own (or a session of the wrong kind)."""
+
+    code = "permission_denied"
+
+
+# -- Wire structs -----------------------------------------------------------------------------
+
+
+class ClientInfo(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What a client says about itself when it arrives."""
+
+    name: str
+    install_id: str = ""
+    product: str = "tpcontrol"
+    version: str
+
+
+class AgentInfo(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What an agent says about itself: the workload it serves (`name`), its pod, mechanisms.
+
+    `environment` is the app container's environment as the agent exposes it to clients.
+    """
+
+    name: str
+    namespace: str
+    pod_name: str
+    pod_ip: str
+    product: str = "tpproxy"
+    version: str
+    mechanisms: list[str]
+    environment: dict[str, str] = {}
+
+
+class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What CreateIntercept carries: where to intercept, how, and where traffic goes.
+
+    `workload` is the agent name (the workload's name); `containerPort`/`agentPort` come from
+    PrepareIntercept; `targetHost:targetPort` is the client's local address. `headers`, `path`,
+    `methods` and `fallbackToApp` apply to the `http` mechanism only.
+    """
+
+    name: str
+    workload: str
+    namespace: str
+    workload_kind: WorkloadKind = ""
+    mechanism: Mechanism
+    service_name: str
+    service_port_identifier: str = ""
+    container_port: int
+    agent_port: int
+    headers: list[HeaderMatch] = []
+    path: PathMatch | None = None
+    methods: list[str] = []
+    fallback_to_app: bool = False
+    target_host: str = "127.0.0.1"
+    target_port: int
+
+
+class Intercept(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """An intercept as watchers see it. `id` is `<clientSession>:<spec.name>`."""
+
+    id: str
+    spec: InterceptRequest
+    client_session: str
+    client: str
+    disposition: Disposition
+    message: str
+    pod_ip: str = ""
+    environment: dict[str, str] = {}
+    mechanism_desc: str = ""
+    created_at: float
+
+
+class Review(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """An agent's verdict on an intercept. Empty `podIp`/`environment` mean the agent's own."""
+
+    disposition: ReviewDisposition
+    message: str = ""
+    pod_ip: str = ""
+    environment: dict[str, str] = {}
+    mechanism_desc: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """What `expire` dropped: the session ids, and the intercepts removed with client sessions."""
+
+    sessions: list[str] = field(default_factory=list)
+    intercepts: list[Intercept] = field(default_factory=list)
+
+
+# -- Internal records -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Session:
+    info: ClientInfo | AgentInfo
+    last_seen: float
+
+    @property
+    def is_agent(self) -> bool:
+        return isinstance(self.info, AgentInfo)
+
+
+@dataclass(slots=True)
+class _Entry:
+    """An intercept plus what the manager needs and watchers do not."""
+
+    intercept: Intercept
+    waiting_since: float  # when it last started waiting for an agent (for NO_AGENT)
+    reviewer: str = ""  # identity of the pod whose review made it ACTIVE/AGENT_ERROR/BAD_ARGS
+    rule_key: tuple[object, ...] = ()  # http intercepts: what makes two of them identical
+
+
+def _identity(session_id: str, info: AgentInfo) -> str:
+    """The pod an agent session speaks for: its pod name, else the session itself."""
+    return f"pod:{info.pod_name}" if info.pod_name else f"session:{session_id}"
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _checked(value: _S, kind: type[_S], what: str) -> _S:
+    """A private, type-checked copy of a struct the caller built (constructors do not check)."""
+    if not isinstance(value, kind):
+        raise InvalidArgument(f"{what}: expected {kind.__name__}, got {type(value).__name__}")
+    try:
+        return msgspec.convert(msgspec.to_builtins(value), kind)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise InvalidArgument(f"{what}: {exc}") from None
+
+
+def _q(text: str) -> str:
+    """A value quoted for a message: double quotes, as in `intercept "alice:echo" not found`."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _require(field_name: str, value: str) -> None:
+    if not value.strip():
+        raise InvalidArgument(f"{field_name} must not be empty")
+
+
+def _port(field_name: str, value: int) -> None:
+    if isinstance(value, bool) or not 1 <= value <= MAX_PORT:
+        raise InvalidArgument(f"{field_name} must be a port number (1-65535), got {value!r}")
+
+
+def _rule_key(intercept_id: str, req: InterceptRequest) -> tuple[object, ...]:
+    """What the agent's route table compares (stricter: headers as a set); validates the rules.
+
+    The rules are compiled with `tpproxy.routing`'s own constructors, so anything accepted here
+    loads in the agent, and errors name the field (`headers[1]`, `path`, `methods[0]`).
+    """
+    try:
+        headers = [
+            HeaderRule.make(h.name, h.op, h.value, f"headers[{i}]")
+            for i, h in enumerate(req.headers)
+        ]
+        path = ValueRule.make(req.path.op, req.path.value, "path") if req.path else None
+    except RuleError as exc:
+        raise InvalidArgument(str(exc)) from None
+    if path is not None and path.op != "regex" and not path.value.startswith("/"):
+        raise InvalidArgument(f"path: {path.op} path {_q(path.value)} must start with '/'")
+    for i, method in enumerate(req.methods):
+        if not _METHOD.fullmatch(method):
+            raise InvalidArgument(f"methods[{i}]: {_q(method)} is not an HTTP method")
+    header_set = frozenset((h.name, h.rule.op, h.rule.value) for h in headers)
+    methods = frozenset(m.upper() for m in req.methods)
+    if not header_set and path is None and not methods:
+        header_set = frozenset({(DEFAULT_INTERCEPT_HEADER, "exact", intercept_id)})
+    return (
+        header_set,
+        (path.op, path.value) if path else None,
+        methods or None,
+    )
+
+
+def _describe_rules(key: tuple[object, ...]) -> str:
+    headers, path, methods = key
+    assert isinstance(headers, frozenset)
+    parts = [f"header({n}) {op} {v!r}" for n, op, v in sorted(headers)]
+    if isinstance(path, tuple):
+        parts.append(f"path {path[0]} {path[1]!r}")
+    if isinstance(methods, frozenset):
+        parts.append(f"method in {sorted(methods)}")
+    return " and ".join(parts)
+
+
+def _validate_request(req: InterceptRequest) -> None:
+    """Field checks (InvalidArgument naming the field) that do not need the intercept id."""
+    _require("name", req.name)
+    if len(req.name) > _NAME_MAX or not _NAME.fullmatch(req.name):
+        raise InvalidArgument(
+            f"name: {_q(req.name)} must be letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit, at most {_NAME_MAX} characters"
+        )
+    _require("workload", req.workload)
+    _require("namespace", req.namespace)
+    _require("mechanism", req.mechanism)
+    _require("serviceName", req.service_name)
+    ident = req.service_port_identifier
+    if ident:
+        number = ident.split("/", 1)[0]
+        if not _PORT_IDENTIFIER.fullmatch(ident) or (
+            number.isdigit() and not 1 <= int(number) <= MAX_PORT
+        ):
+            raise InvalidArgument(
+                f"servicePortIdentifier: {_q(ident)} must be a port name or number, "
+                "optionally followed by /TCP or /UDP"
+            )
+    _port("containerPort", req.container_port)
+    _port("agentPort", req.agent_port)
+    _require("targetHost", req.target_host)
+    _port("targetPort", req.target_port)
+    if req.mechanism == "tcp":
+        for name, present in (
+            ("headers", bool(req.headers)),
+            ("path", req.path is not None),
+            ("methods", bool(req.methods)),
+            ("fallbackToApp", req.fallback_to_app),
+        ):
+            if present:
+                raise InvalidArgument(f"{name}: only the http mechanism takes {name}")
+
+
+def _same_port(a: InterceptRequest, b: InterceptRequest) -> bool:
+    return a.container_port == b.container_port or a.agent_port == b.agent_port
+
+
+def _where(req: InterceptRequest) -> str:
+    return (
+        f"container port {req.container_port} (agent port {req.agent_port}) "
+        f"of {req.workload}.{req.namespace}"
+    )
+
+
+# -- The state --------------------------------------------------------------------------------
+
+
+class ManagerState:
+    """Sessions and intercepts of one traffic-manager; see the module docstring for the rules.
+
+    `clock` (monotonic seconds) drives TTLs and the NO_AGENT timeout; tests pass a fake one.
+    `version` grows by one for every call that changed something; `on_change` (if set) is called
+    after such a call, when the state is consistent again.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        agent_ttl: float = 15.0,
+        client_ttl: float = 24 * 3600.0,
+        no_agent_timeout: float = 60.0,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.agent_ttl = agent_ttl
+        self.client_ttl = client_ttl
+        self.no_agent_timeout = no_agent_timeout
+        self.on_change = on_change
+        self._version = 0
+        self._dirty = False
+        self._sessions: dict[str, _Session] = {}
+        self._intercepts: dict[str, _Entry] = {}
+
+    @property
+    def version(self) -> int:
+        """Grows on every change; watchers keep the last value they saw and compare."""
+        return self._version
+
+    # -- change bookkeeping -------------------------------------------------------------------
+
+    def _mark(self) -> None:
+        self._dirty = True
+
+    def _commit(self) -> None:
+        """End of a public mutating call: one version step however many things changed."""
+        if self._dirty:
+            self._dirty = False
+            self._version += 1
+            if self.on_change is not None:
+                self.on_change()
+
+    def _set(self, entry: _Entry, **changes: object) -> None:
+        """Replace the intercept with changed fields, marking a change only if one happened."""
+        current = entry.intercept
+        if all(getattr(current, k) == v for k, v in changes.items()):
+            return
+        entry.intercept = msgspec.structs.replace(current, **changes)
+        self._mark()
+
+    def _to_waiting(self, entry: _Entry, message: str) -> None:
+        now = self.clock()
+        self._set(entry, disposition="WAITING", message=message, pod_ip="", mechanism_desc="")
+        entry.reviewer = ""
+        entry.waiting_since = now
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def _new_session(self, info: ClientInfo | AgentInfo) -> str:
+        while True:
+            session_id = secrets.token_urlsafe(16)
+            if session_id not in self._sessions:
+                break
+        self._sessions[session_id] = _Session(info, self.clock())
+        self._mark()
+        return session_id
+
+    def arrive_client(self, info: ClientInfo) -> str:
+        """Open a client session; returns its id (unguessable)."""
+        info = _checked(info, ClientInfo, "client")
+        _require("name", info.name)
+        session_id = self._new_session(info)
+        self._commit()
+        return session_id
+
+    def arrive_agent(self, info: AgentInfo) -> str:
+        """Open an agent session; intercepts of its workload waiting for an agent are rechecked.
+
+        The agent needs a name (its workload), a namespace and at least one mechanism.
+        """
+        info = _checked(info, AgentInfo, "agent")
+        _require("name", info.name)
+        _require("namespace", info.namespace)
+        if not info.mechanisms:
+            raise InvalidArgument("mechanisms must name at least one mechanism")
+        for i, mechanism in enumerate(info.mechanisms):
+            _require(f"mechanisms[{i}]", mechanism)
+        if info.pod_ip:
+            try:
+                ipaddress.ip_address(info.pod_ip)
+            except ValueError:
+                raise InvalidArgument(f"podIp: {_q(info.pod_ip)} is not an IP address") from None
+        session_id = self._new_session(info)
+        self._recheck(info.namespace, info.name)
+        self._commit()
+        return session_id
+
+    def is_agent(self, session_id: str) -> bool:
+        """Whether `session_id` is a live agent session (False for clients and unknown ids)."""
+        session = self._sessions.get(session_id)
+        return session is not None and session.is_agent
+
+    def is_client(self, session_id: str) -> bool:
+        """Whether `session_id` is a live client session."""
+        session = self._sessions.get(session_id)
+        return session is not None and not session.is_agent
+
+    def remain(self, session_id: str) -> None:
+        """Heartbeat: the session lives for another TTL. Not a change (version unchanged)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"session {_q(session_id)} not found")
+        session.last_seen = self.clock()
+
+    def depart(self, session_id: str) -> list[Intercept]:
+        """End a session; returns the intercepts removed with it (a client's, as REMOVED)."""
+        if session_id not in self._sessions:
+            raise NotFound(f"session {_q(session_id)} not found")
+        removed = self._drop_session(session_id, "client session departed")
+        self._commit()
+        return removed
+
+    def expire(self) -> Expired:
+        """Drop sessions not heard from for longer than their TTL, as if they had departed."""
+        now = self.clock()
+        gone = [
+            sid
+            for sid, s in self._sessions.items()
+            if now - s.last_seen > (self.agent_ttl if s.is_agent else self.client_ttl)
+        ]
+        removed: list[Intercept] = []
+        for sid in gone:
+            removed.extend(self._drop_session(sid, "client session expired"))
+        self._commit()
+        return Expired(gone, removed)
+
+    def _drop_session(self, session_id: str, why: str) -> list[Intercept]:
+        session = self._sessions.pop(session_id)
+        self._mark()
+        info = session.info
+        if isinstance(info, AgentInfo):
+            self._recheck(info.namespace, info.name, departed=True)
+            return []
+        owned = [
+            iid for iid, e in self._intercepts.items() if e.intercept.client_session == session_id
+        ]
+        return [self._remove(iid, f"Removed: {why}") for iid in sorted(owned)]
+
+    def _client(self, session_id: str) -> tuple[str, ClientInfo]:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"client session {_q(session_id)} not found")
+        if not isinstance(session.info, ClientInfo):
+            raise PermissionDenied(f"session {_q(session_id)} is an agent session, not a client's")
+        return session_id, session.info
+
+    def _agent(self, session_id: str) -> AgentInfo:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"agent session {_q(session_id)} not found")
+        if not isinstance(session.info, AgentInfo):
+            raise PermissionDenied(f"session {_q(session_id)} is a client session, not an agent's")
+        return session.info
+
+    def _agent_sessions(self, namespace: str, workload: str) -> list[tuple[str, AgentInfo]]:
+        found = [
+            (sid, s.info)
+            for sid, s in self._sessions.items()
+            if isinstance(s.info, AgentInfo)
+            and s.info.namespace == namespace
+            and s.info.name == workload
+        ]
+        found.sort(key=lambda pair: (pair[1].pod_name, pair[0]))
+        return found
+
+    def agents_of(self, namespace: str, workload: str) -> list[AgentInfo]:
+        """The agents (one per session) serving a workload, sorted by pod name."""
+        return [info for _, info in self._agent_sessions(namespace, workload)]
+
+    def agent_environment(self, namespace: str, workload: str) -> dict[str, str]:
+        """The app environment an agent of the workload reported (first pod by name), or {}."""
+        agents = self.agents_of(namespace, workload)
+        return dict(agents[0].environment) if agents else {}
+
+    # -- agent checks -------------------------------------------------------------------------
+
+    def _recheck(self, namespace: str, workload: str, *, departed: bool = False) -> None:
+        """Spec 6.1's agent checks for one workload, run on create, arrival and departure.
+
+        They never touch BAD_ARGS (an agent's verdict on the arguments) and take precedence
+        over AGENT_ERROR.
+        """
+        agents = self._agent_sessions(namespace, workload)
+        pods = {_identity(sid, info) for sid, info in agents}
+        mechanisms = {m for _, info in agents for m in info.mechanisms}
+        for entry in self._entries_of(namespace, workload):
+            icept = entry.intercept
+            state = icept.disposition
+            if state == "BAD_ARGS":
+                continue
+            if not agents:
+                if state in ("ACTIVE", "AGENT_ERROR", "NO_MECHANISM") or (
+                    departed and state == "WAITING"
+                ):
+                    self._to_waiting(
+                        entry,
+                        f'{WAITING_MESSAGE}: no agent of "{workload}" in namespace '
+                        f'"{namespace}" is connected',
+                    )
+                continue
+            mechanism = icept.spec.mechanism
+            if mechanism not in mechanisms:
+                self._set(
+                    entry,
+                    disposition="NO_MECHANISM",
+                    message=f'Agents for "{workload}" in namespace "{namespace}" do not have '
+                    f'mechanism "{mechanism}"',
+                    pod_ip="",
+                    mechanism_desc="",
+                )
+                entry.reviewer = ""
+            elif state in ("NO_AGENT", "NO_MECHANISM"):
+                self._to_waiting(entry, WAITING_MESSAGE)
+            elif state in ("ACTIVE", "AGENT_ERROR") and entry.reviewer not in pods:
+                self._to_waiting(entry, f"{WAITING_MESSAGE}: the pod that served it left")
+
+    def check_waiting(self) -> list[Intercept]:
+        """WAITING intercepts whose workload has had no agent for `no_agent_timeout` → NO_AGENT.
+
+        Returns the intercepts changed. They stay listed: the client decides to leave.
+        """
+        now = self.clock()
+        changed = []
+        for entry in self._intercepts.values():
+            icept = entry.intercept
+            if icept.disposition != "WAITING" or now - entry.waiting_since <= self.no_agent_timeout:
+                continue
+            spec = icept.spec
+            if self._agent_sessions(spec.namespace, spec.workload):
+                continue
+            self._set(
+                entry,
+                disposition="NO_AGENT",
+                message=f'No agent found for "{spec.workload}" in namespace "{spec.namespace}" '
+                f"within {self.no_agent_timeout:g}s",
+            )
+            changed.append(entry.intercept)
+        self._commit()
+        return changed
+
+    # -- intercepts ---------------------------------------------------------------------------
+
+    def _entries_of(self, namespace: str, workload: str) -> list[_Entry]:
+        return [
+            e
+            for e in self._intercepts.values()
+            if e.intercept.spec.namespace == namespace and e.intercept.spec.workload == workload
+        ]
+
+    def create_intercept(self, client_session: str, request: InterceptRequest) -> Intercept:
+        """CreateIntercept: validate, refuse duplicates and conflicts, then WAITING.
+
+        Errors in this order: the client session (NotFound), a field (InvalidArgument naming
+        it), the id (AlreadyExists), the port (Conflict naming both intercepts).
+        """
+        session_id, client = self._client(client_session)
+        req = _checked(request, InterceptRequest, "intercept request")
+        _validate_request(req)
+        intercept_id = f"{session_id}:{req.name}"
+        key = _rule_key(intercept_id, req) if req.mechanism == "http" else ()
+        if intercept_id in self._intercepts:
+            raise AlreadyExists(f"intercept {_q(intercept_id)} already exists")
+        self._check_conflicts(intercept_id, req, key)
+        now = self.clock()
+        entry = _Entry(
+            Intercept(
+                id=intercept_id,
+                spec=req,
+                client_session=session_id,
+                client=client.name,
+                disposition="WAITING",
+                message=WAITING_MESSAGE,
+                created_at=self.wall_clock(),
+            ),
+            waiting_since=now,
+            rule_key=key,
+        )
+        self._intercepts[intercept_id] = entry
+        self._mark()
+        self._recheck(req.namespace, req.workload)
+        self._commit()
+        return entry.intercept
+
+    def _check_conflicts(self, new_id: str, req: InterceptRequest, key: tuple[object, ...]) -> None:
+        for other in sorted(self._entries_of(req.namespace, req.workload), key=_by_id):
+            theirs = other.intercept
+            if not _same_port(req, theirs.spec):
+                continue
+            head = (
+                f"intercept {_q(new_id)} conflicts with intercept {_q(theirs.id)} "
+                f"of client {_q(theirs.client)}"
+            )
+            if req.mechanism == "tcp":
+                raise Conflict(
+                    f"{head}: a tcp intercept takes the whole port, and {_where(req)} "
+                    "is already intercepted"
+                )
+            if theirs.spec.mechanism == "tcp":
+                raise Conflict(f"{head}: it is a tcp intercept and takes the whole {_where(req)}")
+            if other.rule_key == key:
+                raise Conflict(
+                    f"{head}: identical http rules ({_describe_rules(key)}) on {_where(req)}"
+                )
+
+    def _remove(self, intercept_id: str, message: str) -> Intercept:
+        entry = self._intercepts.pop(intercept_id)
+        self._mark()
+        return msgspec.structs.replace(entry.intercept, disposition="REMOVED", message=message)
+
+    def remove_intercept(self, client_session: str, name: str) -> Intercept:
+        """RemoveIntercept: a client removes its own intercept, named by name.
+
+        The id is built from the caller's own session, so a client cannot name another's
+        intercept this way. Returns the removed intercept (disposition REMOVED).
+        """
+        session_id, _ = self._client(client_session)
+        intercept_id = f"{session_id}:{name}"
+        if intercept_id not in self._intercepts:
+            raise NotFound(f"intercept {_q(intercept_id)} not found")
+        removed = self._remove(intercept_id, "Removed by the client")
+        self._commit()
+        return removed
+
+    def remove_intercept_by_id(self, client_session: str, intercept_id: str) -> Intercept:
+        """Remove by full id; another client's intercept is refused with PermissionDenied."""
+        session_id, _ = self._client(client_session)
+        entry = self._intercepts.get(intercept_id)
+        if entry is None:
+            raise NotFound(f"intercept {_q(intercept_id)} not found")
+        if entry.intercept.client_session != session_id:
+            raise PermissionDenied(
+                f"intercept {_q(intercept_id)} belongs to client {_q(entry.intercept.client)}; "
+                "only its owner may remove it"
+            )
+        removed = self._remove(intercept_id, "Removed by the client")
+        self._commit()
+        return removed
+
+    def review(self, agent_session: str, intercept_id: str, review: Review) -> bool:
+        """ReviewIntercept: an agent's verdict. Returns whether it was applied.
+
+        Applied when the intercept is WAITING (the first review wins), or when it comes from the
+        pod whose review is in force (so an agent re-applying after a reconnect can move
+        ACTIVE → AGENT_ERROR and back). Other reviews, e.g. from a second replica, are ignored,
+        as are reviews of an intercept whose mechanism the agent does not advertise. Empty
+        `podIp` / `environment` in the review are filled from the agent's own info.
+        """
+        agent = self._agent(agent_session)
+        entry = self._intercepts.get(intercept_id)
+        if entry is None:
+            raise NotFound(f"intercept {_q(intercept_id)} not found")
+        spec = entry.intercept.spec
+        if (agent.name, agent.namespace) != (spec.workload, spec.namespace):
+            raise PermissionDenied(
+                f"agent {agent.name}.{agent.namespace} may not review intercept "
+                f"{_q(intercept_id)} of {spec.workload}.{spec.namespace}"
+            )
+        review = _checked(review, Review, "review")
+        if review.disposition not in _AGENT_SET:
+            raise InvalidArgument(
+                f"disposition: agents review with ACTIVE, AGENT_ERROR or BAD_ARGS, "
+                f"not {_q(review.disposition)}"
+            )
+        pod = _identity(agent_session, agent)
+        state = entry.intercept.disposition
+        applies = state == "WAITING" or (state in _AGENT_SET and entry.reviewer == pod)
+        if not applies or spec.mechanism not in agent.mechanisms:
+            return False
+        entry.reviewer = pod
+        self._set(
+            entry,
+            disposition=review.disposition,
+            message=review.message,
+            pod_ip=review.pod_ip or agent.pod_ip,
+            environment=dict(review.environment or agent.environment),
+            mechanism_desc=review.mechanism_desc,
+        )
+        self._commit()
+        return True
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def intercepts_for_client(self, session_id: str) -> list[Intercept]:
+        """The client's own intercepts, sorted by id."""
+        self._client(session_id)
+        return sorted(
+            (
+                e.intercept
+                for e in self._intercepts.values()
+                if e.intercept.client_session == session_id
+            ),
+            key=_icept_id,
+        )
+
+    def intercepts_for_agent(self, session_id: str) -> list[Intercept]:
+        """The agent's workload's intercepts in WAITING, ACTIVE or AGENT_ERROR, sorted by id."""
+        agent = self._agent(session_id)
+        return sorted(
+            (
+                e.intercept
+                for e in self._entries_of(agent.namespace, agent.name)
+                if e.intercept.disposition in _AGENT_VISIBLE
+            ),
+            key=_icept_id,
+        )
+
+    def all_intercepts(self) -> list[Intercept]:
+        """Every intercept, sorted by id."""
+        return sorted((e.intercept for e in self._intercepts.values()), key=_icept_id)
+
+    def to_agent_specs(self, agent_session: str) -> list[InterceptSpec]:
+        """The route specs the agent should apply: its WAITING and ACTIVE intercepts, by id.
+
+        Only mechanisms the agent advertises. The target is the connector `tunnel:<id>`, which
+        the agent maps to a tunnel through the manager. An http intercept without rules keeps
+        them empty: the agent's loader then applies the default `x-telepresence-intercept-id`
+        rule, exactly as the manager assumed when it checked for conflicts.
+        """
+        agent = self._agent(agent_session)
+        specs = []
+        for entry in sorted(self._entries_of(agent.namespace, agent.name), key=_by_id):
+            icept = entry.intercept
+            req = icept.spec
+            if (
+                icept.disposition not in ("WAITING", "ACTIVE")
+                or req.mechanism not in agent.mechanisms
+            ):
+                continue
+            specs.append(
+                InterceptSpec(
+                    id=icept.id,
+                    port=req.agent_port,
+                    target=f"tunnel:{icept.id}",
+                    mechanism=req.mechanism,
+                    headers=tuple(req.headers),
+                    path=req.path,
+                    methods=tuple(m.upper() for m in req.methods),
+                    fallback_to_app=req.fallback_to_app,
+                )
+            )
+        return specs
+
+
+def _by_id(entry: _Entry) -> str:
+    return entry.intercept.id
+
+
+def _icept_id(intercept: Intercept) -> str:
+    return intercept.id
