@@ -245,3 +245,42 @@ def test_entries_are_written_with_optimistic_concurrency(control_plane: LocalCon
             assert "wl3" not in await store.entries(ns)
 
     run(scenario(), timeout=60)
+
+
+def test_inject_policies_and_opt_out_annotations(control_plane: LocalControlPlane) -> None:
+    """OnDemand: an entry (or `enabled`) injects, `disabled`/`false` never do. WhenEnabled: only
+    pods annotated `enabled` are injected, and their entry is generated and stored on the way."""
+
+    async def scenario() -> None:
+        from tpcontrol.webhook import WebhookSettings
+
+        async with control_plane.api() as api:
+            ns = await make_namespace(api, unique("policy"))
+            optout = deployment("optout", [ECHO_CONTAINER], annotations={ANNOTATION: "disabled"})
+            await create(api, ns, service("optout", ECHO_PORTS))
+            await store_entry(api, ns, optout)
+            async with running_webhook(api, ns):
+                await create(api, ns, optout)
+                (pod,) = await wait_for_pods(api, ns, "app=optout", 1)
+                assert not injected(pod)  # an entry exists, but the template opts out
+
+            when_enabled = WebhookSettings(
+                GeneratorSettings(agent_image=IMAGE), inject_policy="WhenEnabled"
+            )
+            async with running_webhook(api, ns, when_enabled):
+                has_entry = deployment("has-entry", [ECHO_CONTAINER])
+                await create(api, ns, service("has-entry", ECHO_PORTS))
+                await store_entry(api, ns, has_entry)
+                await create(api, ns, has_entry)
+                (pod,) = await wait_for_pods(api, ns, "app=has-entry", 1)
+                assert not injected(pod)  # WhenEnabled: an entry alone is not enough
+
+                asked = deployment("asked", [ECHO_CONTAINER], annotations={ANNOTATION: "enabled"})
+                await create(api, ns, service("asked", ECHO_PORTS), asked)
+                (pod,) = await wait_for_pods(api, ns, "app=asked", 1)
+                assert_echo_pod_injected(pod, "asked")
+                entry = await AgentConfigStore(api).get(ns, "asked")
+                assert entry is not None
+                assert entry.workload_kind == "Deployment"
+
+    run(scenario(), timeout=120)
