@@ -10,10 +10,12 @@ from tpcontrol.cli import main
 def test_demo_routes_every_step_as_expected(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--requests", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS") == 5
+    assert out.count("PASS") == 9
     assert "FAIL" not in out
     assert "hello from alice's laptop" in out
     assert "route alice:echo-http  1 connection(s)" in out
+    assert "x-dev: bob -> bob" in out
+    assert "hello from bob's laptop" in out
 
 
 def test_demo_rejects_bad_request_count(capsys: pytest.CaptureFixture[str]) -> None:

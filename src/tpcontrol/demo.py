@@ -2,8 +2,9 @@
 
 It shows the core of an intercept without a cluster: traffic reaches the app, a TCP intercept is
 switched on (new connections go to the developer's process, a connection opened before keeps
-going to the app), then off again. Every step checks where each request went and the run exits
-non-zero if any went astray.
+going to the app), then off again; then the port switches to HTTP mode and two developers share
+it by header, request by request, on one keep-alive connection. Every step checks where each
+request went and the run exits non-zero if any went astray.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import time
 
 from tpproxy.engine import Engine
-from tpproxy.routing import PortRoutes, TcpIntercept
+from tpproxy.routing import HeaderRule, HttpIntercept, PortRoutes, TcpIntercept, port_routes
 from tpproxy.targets import Address
 
 
@@ -47,8 +48,9 @@ class Client:
     async def open(cls, port: int) -> Client:
         return cls(*await asyncio.open_connection("127.0.0.1", port))
 
-    async def get(self, path: str) -> str:
-        self.writer.write(f"GET {path} HTTP/1.1\r\nhost: echo\r\n\r\n".encode())
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> str:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.writer.write(f"GET {path} HTTP/1.1\r\nhost: echo\r\n{extra}\r\n".encode())
         async with asyncio.timeout(5):
             head = await self.reader.readuntil(b"\r\n\r\n")
             length = next(
@@ -83,18 +85,21 @@ async def run_demo(requests: int = 3) -> int:
     dev_server, dev_port = await _serve("alice's laptop")
     app = Address("127.0.0.1", app_port)
     dev = Address("127.0.0.1", dev_port)
+    servers = [app_server, dev_server]
     engine = Engine(host="127.0.0.1")
     agent_port = await _free_port()
     print(f"app listening on 127.0.0.1:{app_port}; alice's local process on 127.0.0.1:{dev_port}")
     await engine.apply({agent_port: PortRoutes(app)})
     print(f"traffic-agent engine listening on 127.0.0.1:{agent_port} -> app\n")
 
-    async def step(title: str, client: Client, expect: str) -> None:
+    async def step(
+        title: str, client: Client, expect: str, headers: dict[str, str] | None = None
+    ) -> None:
         print(f"== {title}")
         ok = True
         for i in range(requests):
             started = time.perf_counter()
-            answer = await client.get(f"/step/{len(results) + 1}/{i}")
+            answer = await client.get(f"/step/{len(results) + 1}/{i}", headers)
             took = (time.perf_counter() - started) * 1e6
             hit = expect in answer
             ok &= hit
@@ -117,12 +122,38 @@ async def run_demo(requests: int = 3) -> int:
         after = await Client.open(agent_port)
         await step("4. new connection after leaving: the app again", after, "the app")
         await step("5. connection opened while intercepted: keeps going to alice", during, "alice")
-        for client in (before, during, after):
+
+        # HTTP mode: each request is routed on its own, by its headers.
+        bob_server, bob_port = await _serve("bob's laptop")
+        servers.append(bob_server)
+        routes = port_routes(
+            app,
+            http_intercepts=[
+                HttpIntercept(
+                    "alice:echo", dev, (HeaderRule.make("x-dev", "exact", "alice", "demo"),)
+                ),
+                HttpIntercept(
+                    "bob:echo",
+                    Address("127.0.0.1", bob_port),
+                    (HeaderRule.make("x-dev", "exact", "bob", "demo"),),
+                ),
+            ],
+        )
+        await engine.apply({agent_port: routes})
+        print(f"\n-- port {agent_port} in HTTP mode: alice and bob intercept by header x-dev")
+        mixed = await Client.open(agent_port)
+        await step("6. one keep-alive connection, no header: the app", mixed, "the app")
+        await step("7. same connection, x-dev: alice -> alice", mixed, "alice", {"x-dev": "alice"})
+        await step("8. same connection, x-dev: bob -> bob", mixed, "bob", {"x-dev": "bob"})
+        await step(
+            "9. same connection, x-dev: carol -> the app", mixed, "the app", {"x-dev": "carol"}
+        )
+        for client in (before, during, after, mixed):
             client.close()
     finally:
         await engine.drain(2.0)
-        app_server.close()
-        dev_server.close()
+        for server in servers:
+            server.close()
 
     print("\nsummary:")
     for title, ok in results:
