@@ -4,6 +4,7 @@ workload out, the webhook injects the agent; uninstall and upgrade go through th
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -342,3 +343,77 @@ def json_line(line: bytes) -> Any:
 
     assert line.endswith(b"\n"), line
     return json.loads(line)
+
+
+def test_nothing_sent_to_the_manager_makes_it_fail(control_plane: LocalControlPlane) -> None:
+    """Random JSON at every endpoint: answers are 2xx or 4xx with an error naming the problem,
+    never a 5xx, and the manager keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    values = st.recursive(
+        st.none() | st.booleans() | st.integers(-2, 70000) | st.text(max_size=12),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+        ),
+        max_leaves=10,
+    )
+    fields = st.sampled_from(
+        [
+            "name",
+            "version",
+            "workload",
+            "namespace",
+            "mechanism",
+            "port",
+            "service",
+            "containerPort",
+            "agentPort",
+            "targetPort",
+            "headers",
+            "disposition",
+            "agentImage",
+            "kind",
+            "mechanisms",
+            "podName",
+        ]
+    )
+    bodies = st.dictionaries(fields, values, max_size=6) | values
+    paths = st.sampled_from(
+        [
+            "/v1/clients",
+            "/v1/agents",
+            "/v1/prepare",
+            "/v1/uninstall",
+            "/v1/upgrade",
+            "/v1/sessions/nope/intercepts",
+            "/v1/sessions/nope/reviews/x:y",
+            "/v1/sessions/nope/remain",
+        ]
+    )
+
+    async def scenario(cases: list[tuple[str, Any]]) -> None:
+        async with control_plane.api() as api:
+            manager = Manager(api, ManagerSettings(agent_image=IMAGE))
+            runner, port = await manager.start()
+            try:
+                async with aiohttp.ClientSession() as http:
+                    for path, body in cases:
+                        async with http.post(f"http://127.0.0.1:{port}{path}", json=body) as r:
+                            assert r.status < 500, (path, body, await r.text())
+                            if r.status >= 400:
+                                assert (await r.json())["error"]
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        assert r.status == 200
+            finally:
+                await manager.stop()
+                await runner.cleanup()
+
+    examples = int(os.environ.get("TPPROXY_FUZZ_EXAMPLES", "25"))
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.tuples(paths, bodies), min_size=1, max_size=8))
+    def check(cases: list[tuple[str, Any]]) -> None:
+        run(scenario(cases), timeout=60)
+
+    check()

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -59,9 +59,17 @@ class ManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     manager_port: int = 8081
 
 
+# Kubernetes' own rules for the names a request carries: checked before any API call, so a bad
+# name is a 400 naming the field rather than whatever the API server makes of it.
+Namespace = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+ObjectName = Annotated[
+    str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", max_length=253)
+]
+
+
 class PrepareRequest(msgspec.Struct, frozen=True, rename="camel"):
-    workload: str
-    namespace: str
+    workload: ObjectName
+    namespace: Namespace
     kind: Literal["", "Deployment", "ReplicaSet", "StatefulSet"] = ""
     service: str = ""
     port: str = ""
@@ -86,8 +94,8 @@ class PreparedIntercept(msgspec.Struct, frozen=True, rename="camel"):
 
 
 class UninstallRequest(msgspec.Struct, frozen=True, rename="camel"):
-    namespace: str
-    workload: str = ""  # empty: every (non-manual) entry of the namespace
+    namespace: Namespace
+    workload: ObjectName | Literal[""] = ""  # empty: every (non-manual) entry of the namespace
 
 
 class UpgradeRequest(msgspec.Struct, frozen=True, rename="camel"):
@@ -155,6 +163,9 @@ def _errors(handler: Handler) -> Handler:
             return _error(str(exc), exc.category)
         except (AgentConfigError, ConfigError) as exc:
             return _error(str(exc), "config")
+        except k8s.ApiException as exc:
+            log.warning("%s %s: Kubernetes API: %s", request.method, request.path, exc.reason)
+            return _json(ErrorBody(f"Kubernetes API: {exc.status} {exc.reason}", "api"), 502)
 
     return wrapped
 
