@@ -381,11 +381,10 @@ def nginx_common(bench: Bench, name: str) -> str:
     )
 
 
-def start_upstream(bench: Bench, env: dict[str, str]) -> tuple[Ports, HashSink]:
-    """tcp mode: nginx (HTTP), iperf3 -s (bulk) and the checksum sink."""
-    http_port, bulk_port, check_port = bench.port(), bench.port(), bench.port()
+def upstream_nginx_conf(bench: Bench, servers: str) -> Path:
+    """The upstream nginx's config: keep-alive without limits, no logs, the given servers."""
     t = bench.tmp
-    conf = bench.write(
+    return bench.write(
         "upstream-nginx.conf",
         nginx_common(bench, "upstream")
         + "http {\n"
@@ -394,9 +393,16 @@ def start_upstream(bench: Bench, env: dict[str, str]) -> tuple[Ports, HashSink]:
         + "  keepalive_timeout 120s;\n"
         + f"  client_body_temp_path {t}/u-body; proxy_temp_path {t}/u-proxy;\n"
         + f"  fastcgi_temp_path {t}/u-fcgi; uwsgi_temp_path {t}/u-uwsgi; scgi_temp_path {t}/u-scgi;\n"
-        + f'  server {{ listen {HOST}:{http_port}; return 200 "ok"; }}\n'
+        + servers
         + "}\n",
     )
+
+
+def start_upstream(bench: Bench, env: dict[str, str]) -> tuple[Ports, HashSink]:
+    """tcp mode: nginx (HTTP), iperf3 -s (bulk) and the checksum sink."""
+    http_port, bulk_port, check_port = bench.port(), bench.port(), bench.port()
+    t = bench.tmp
+    conf = upstream_nginx_conf(bench, f'  server {{ listen {HOST}:{http_port}; return 200 "ok"; }}\n')
     sp = bench.spawn("upstream-nginx", nginx_argv(conf, t, t / "upstream-error.log"), env)
     wait_listening(http_port, sp.proc, "upstream nginx", sp.log)
     ip = bench.spawn("upstream-iperf3", ["iperf3", "-s", "-B", HOST, "-p", str(bulk_port)], env)
@@ -414,18 +420,7 @@ def start_http_upstreams(bench: Bench, env: dict[str, str]) -> Ports:
         f'  server {{ listen {HOST}:{port}; return 200 "{body.decode()}"; }}\n'
         for port, body in ((app, APP_BODY), (alice, ALICE_BODY), (bob, BOB_BODY))
     )
-    conf = bench.write(
-        "upstream-nginx.conf",
-        nginx_common(bench, "upstream")
-        + "http {\n"
-        + "  access_log off;\n"
-        + "  keepalive_requests 100000000;\n"
-        + "  keepalive_timeout 120s;\n"
-        + f"  client_body_temp_path {t}/u-body; proxy_temp_path {t}/u-proxy;\n"
-        + f"  fastcgi_temp_path {t}/u-fcgi; uwsgi_temp_path {t}/u-uwsgi; scgi_temp_path {t}/u-scgi;\n"
-        + servers
-        + "}\n",
-    )
+    conf = upstream_nginx_conf(bench, servers)
     sp = bench.spawn("upstream-nginx", nginx_argv(conf, t, t / "upstream-error.log"), env)
     for port in (app, alice, bob):
         wait_listening(port, sp.proc, "upstream nginx", sp.log)
