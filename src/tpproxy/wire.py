@@ -1,0 +1,108 @@
+"""The manager's wire format: what clients and agents send and receive, as msgspec structs.
+
+It lives in tpproxy because the agent (`tpproxy agent`) speaks it too, and tpproxy never imports
+tpcontrol; the manager's state (`tpcontrol.state`) re-exports it. camelCase on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from tpproxy.config import WorkloadKind
+from tpproxy.specs import HeaderMatch, PathMatch
+
+__all__ = [
+    "AgentInfo",
+    "ClientInfo",
+    "Disposition",
+    "HeaderMatch",
+    "Intercept",
+    "InterceptRequest",
+    "Mechanism",
+    "PathMatch",
+    "Review",
+    "ReviewDisposition",
+]
+
+Mechanism = Literal["tcp", "http"]
+Disposition = Literal[
+    "WAITING", "ACTIVE", "AGENT_ERROR", "BAD_ARGS", "NO_AGENT", "NO_MECHANISM", "REMOVED"
+]
+ReviewDisposition = Literal["ACTIVE", "AGENT_ERROR", "BAD_ARGS"]
+
+
+class ClientInfo(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What a client says about itself when it arrives."""
+
+    name: str
+    install_id: str = ""
+    product: str = "tpcontrol"
+    version: str
+
+
+class AgentInfo(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What an agent says about itself: the workload it serves (`name`), its pod, mechanisms.
+
+    `environment` is the app container's environment as the agent exposes it to clients.
+    """
+
+    name: str
+    namespace: str
+    pod_name: str
+    pod_ip: str
+    product: str = "tpproxy"
+    version: str
+    mechanisms: list[str]
+    environment: dict[str, str] = {}
+
+
+class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What CreateIntercept carries: where to intercept, how, and where traffic goes.
+
+    `workload` is the agent name (the workload's name); `containerPort`/`agentPort` come from
+    PrepareIntercept; `targetHost:targetPort` is the client's local address. `headers`, `path`,
+    `methods` and `fallbackToApp` apply to the `http` mechanism only.
+    """
+
+    name: str
+    workload: str
+    namespace: str
+    workload_kind: WorkloadKind = ""
+    mechanism: Mechanism
+    service_name: str
+    service_port_identifier: str = ""
+    container_port: int
+    agent_port: int
+    headers: list[HeaderMatch] = []
+    path: PathMatch | None = None
+    methods: list[str] = []
+    fallback_to_app: bool = False
+    target_host: str = "127.0.0.1"
+    target_port: int
+
+
+class Intercept(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """An intercept as watchers see it. `id` is `<clientSession>:<spec.name>`."""
+
+    id: str
+    spec: InterceptRequest
+    client_session: str
+    client: str
+    disposition: Disposition
+    message: str
+    pod_ip: str = ""
+    environment: dict[str, str] = {}
+    mechanism_desc: str = ""
+    created_at: float
+
+
+class Review(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """An agent's verdict on an intercept. Empty `podIp`/`environment` mean the agent's own."""
+
+    disposition: ReviewDisposition
+    message: str = ""
+    pod_ip: str = ""
+    environment: dict[str, str] = {}
+    mechanism_desc: str = ""
