@@ -414,3 +414,40 @@ def test_out_of_file_descriptors_sheds_connections_and_recovers() -> None:
                 proc.wait()
 
     run(scenario())
+
+
+def test_agent_command_forwards_to_the_app_while_the_manager_is_unreachable(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        _, app_port = await start_server(EchoProtocol)
+        agent = free_port()
+        config = tmp_path / "config.yaml"
+        config.write_text(AGENT_CONFIG.format(app=app_port, agent=agent))
+        proc = tpproxy(
+            "agent",
+            "--config",
+            str(config),
+            "--manager-url",
+            f"http://127.0.0.1:{free_port()}",
+            "--listen-host",
+            "127.0.0.1",
+            "--admin",
+            "off",
+            "--drain-timeout",
+            "1",
+        )
+        try:
+            await asyncio.to_thread(wait_for_port, agent, proc)
+            reader, writer = await open_conn(agent)
+            writer.write(b"ping")
+            assert await read_exactly(reader, 4) == b"ping"
+            writer.close()
+            proc.send_signal(signal.SIGTERM)
+            code, err = await asyncio.to_thread(finish, proc)
+            assert code == 0, err
+            assert "manager session ended" in err  # it kept trying, and said so
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    run(scenario())

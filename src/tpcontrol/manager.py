@@ -190,6 +190,7 @@ class Manager:
         self.changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._version = -1
+        self.stopping = False
         app = web.Application(client_max_size=1024 * 1024)
         routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v1/clients", self.arrive_client),
@@ -224,6 +225,10 @@ class Manager:
         return runner, bound
 
     async def stop(self) -> None:
+        """Stop watching and end every intercept stream (so the runner's cleanup need not wait)."""
+        self.stopping = True
+        async with self.changed:
+            self.changed.notify_all()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -348,13 +353,15 @@ class Manager:
         response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
         await response.prepare(request)
         last: bytes | None = None
-        while True:
+        while not self.stopping:
             line = msgspec.json.encode(snapshot) + b"\n"
             if line != last:
                 await response.write(line)
                 last = line
             async with self.changed:
                 await self.changed.wait()
+            if self.stopping:
+                break
             try:
                 snapshot = self._snapshot(sid)
             except st.StateError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,19 +26,7 @@ EXIT_CONFIG = 2
 log = logging.getLogger("tpproxy")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tpproxy", description="Traffic-agent forwarding engine (Telepresence 2.6 compatible)."
-    )
-    parser.add_argument("--version", action="version", version=f"tpproxy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser(
-        "run",
-        help="forward every agent port of a config to its app port",
-        description="Every flag can also be set as TPPROXY_<FLAG> (e.g. TPPROXY_DRAIN_TIMEOUT); "
-        "flags win over the environment.",
-    )
+def _engine_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--config", "-c", help="agent config file (the sidecar's config.yaml)")
     run.add_argument(
         "--forward",
@@ -60,6 +49,29 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--header-timeout", type=float, help="seconds to send a request head")
     run.add_argument("--idle-timeout", type=float, help="seconds an HTTP connection may idle")
 
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpproxy", description="Traffic-agent forwarding engine (Telepresence 2.6 compatible)."
+    )
+    parser.add_argument("--version", action="version", version=f"tpproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser(
+        "agent",
+        help="the traffic-agent sidecar: forward to the app, apply the manager's intercepts",
+        description="Like `run`, reading the sidecar's config (default "
+        "/etc/traffic-agent/config.yaml), plus a session with the traffic-manager.",
+    )
+    agent.add_argument("--manager-url", help="default: http://<managerHost>:<managerPort>")
+    run = sub.add_parser(
+        "run",
+        help="forward every agent port of a config to its app port",
+        description="Every flag can also be set as TPPROXY_<FLAG> (e.g. TPPROXY_DRAIN_TIMEOUT); "
+        "flags win over the environment.",
+    )
+    for command in (run, agent):
+        _engine_flags(command)
     check = sub.add_parser("check-config", help="validate an agent config file and list its ports")
     check.add_argument("path")
 
@@ -122,6 +134,18 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _agent(settings: ProxySettings, manager_url: str | None) -> int:
+    from tpproxy.agent import run_agent
+
+    proxy = Proxy(settings)
+    try:
+        return await run_agent(proxy, manager_url, os.environ)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    except ListenError as exc:
+        return _fail(EXIT_LISTEN, str(exc))
+
+
 async def _serve(settings: ProxySettings) -> int:
     try:
         _, routes = load(settings)
@@ -142,11 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.path)
     if args.command == "explain":
         return _explain(args)
+    flags = vars(args)
+    if args.command == "agent" and not flags.get("config") and not os.environ.get("TPPROXY_CONFIG"):
+        flags["config"] = "/etc/traffic-agent/config.yaml"
     try:
-        settings = load_settings(vars(args))
+        settings = load_settings(flags)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, str(exc))
     if not settings.config and not settings.forward:
         return _fail(EXIT_CONFIG, "give --config PATH (or TPPROXY_CONFIG) or a --forward")
     setup_logging(settings.log_level, settings.log_format)
+    if args.command == "agent":
+        return uvloop.run(_agent(settings, args.manager_url))
     return uvloop.run(_serve(settings))

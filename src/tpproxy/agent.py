@@ -1,0 +1,245 @@
+"""The traffic-agent: the sidecar that runs the engine for a pod and takes orders from the manager.
+
+It starts forwarding every agent port to the app at once, then arrives at the manager, watches
+its intercepts and applies them as routes without restarting anything; each intercept it takes
+on is reviewed ACTIVE (or AGENT_ERROR with the reason). When the manager goes away the agent
+keeps forwarding to the app (intercept routes are dropped: nobody would be there to receive
+them), and arrives again with a growing delay until the manager answers.
+
+Intercepted traffic goes to the intercept's target address directly. The tunnel through the
+manager (for clients outside the cluster network) is not built yet; until it is, this is what
+reaches a developer process on the same network (tests, the local demo, `--to-pod` set-ups).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+
+import aiohttp
+import msgspec
+
+from tpproxy import __version__
+from tpproxy.config import ConfigError, Sidecar
+from tpproxy.routing import PortRoutes
+from tpproxy.server import Proxy, load
+from tpproxy.specs import InterceptSpec, build_routes
+from tpproxy.wire import AgentInfo, Intercept, Review
+
+log = logging.getLogger("tpproxy.agent")
+
+APP_ENV_PREFIX = "_TEL_APP_"
+HEARTBEAT = 5.0
+MAX_BACKOFF = 10.0
+
+
+class SessionLost(Exception):
+    """The manager no longer knows this agent's session (it restarted, or expired it)."""
+
+
+def app_environment(sidecar: Sidecar, environ: Mapping[str, str]) -> dict[str, str]:
+    """The app containers' environment as the agent got it: `_TEL_APP_<prefix>X` -> `X`."""
+    env: dict[str, str] = {}
+    for container in sidecar.containers:
+        prefix = APP_ENV_PREFIX + container.env_prefix
+        for key, value in environ.items():
+            if key.startswith(prefix):
+                env[key[len(prefix) :]] = value
+    return env
+
+
+def intercept_specs(intercepts: list[Intercept]) -> list[InterceptSpec]:
+    """The routes to apply: intercepts the manager still wants served (WAITING or ACTIVE)."""
+    specs = []
+    for icept in intercepts:
+        if icept.disposition not in ("WAITING", "ACTIVE"):
+            continue
+        req = icept.spec
+        specs.append(
+            InterceptSpec(
+                id=icept.id,
+                port=req.agent_port,
+                target=f"{req.target_host}:{req.target_port}",
+                mechanism=req.mechanism,
+                headers=tuple(req.headers),
+                path=req.path,
+                methods=tuple(req.methods),
+                fallback_to_app=req.fallback_to_app,
+            )
+        )
+    return specs
+
+
+class Agent:
+    """One agent: its proxy, its base (app-only) routes, and its manager session loop."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        sidecar: Sidecar,
+        base: dict[int, PortRoutes],
+        manager_url: str,
+        pod_name: str,
+        pod_ip: str,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.proxy = proxy
+        self.sidecar = sidecar
+        self.base = base
+        self.manager_url = manager_url.rstrip("/")
+        self.info = AgentInfo(
+            name=sidecar.agent_name,
+            namespace=sidecar.namespace,
+            pod_name=pod_name,
+            pod_ip=pod_ip,
+            version=__version__,
+            mechanisms=["tcp", "http"],
+            environment=app_environment(sidecar, os.environ if environ is None else environ),
+        )
+        self.session_id: str | None = None
+        self.connected = asyncio.Event()
+        self.applied: list[str] = []  # intercept ids currently routed
+
+    async def run(self) -> None:
+        """Arrive, serve the session, and after any failure arrive again (1 s, 2 s, ... 10 s)."""
+        delay = 1.0
+        while True:
+            try:
+                await self._session()
+                delay = 1.0
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, OSError, SessionLost, msgspec.DecodeError) as exc:
+                log.warning(
+                    "manager session ended: %s; arriving again in %.0f s",
+                    exc or type(exc).__name__,
+                    delay,
+                )
+            self.connected.clear()
+            self.session_id = None
+            await self._apply([])  # back to the app: no client is reachable through us now
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _session(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=None)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.post(
+                f"{self.manager_url}/v1/agents",
+                data=msgspec.json.encode(self.info),
+                headers={"content-type": "application/json"},
+            ) as r:
+                if r.status != 201:
+                    raise SessionLost(f"arrival refused: {r.status} {await r.text()}")
+                self.session_id = sid = msgspec.json.decode(await r.read())["sessionId"]
+            log.info(
+                "arrived at %s as %s.%s", self.manager_url, self.info.name, self.info.namespace
+            )
+            heartbeat = asyncio.create_task(self._heartbeat(http, sid))
+            try:
+                url = f"{self.manager_url}/v1/sessions/{sid}/intercepts?watch=1"
+                async with http.get(url) as stream:
+                    if stream.status != 200:
+                        raise SessionLost(f"watch refused: {stream.status}")
+                    self.connected.set()
+                    async for line in stream.content:
+                        intercepts = msgspec.json.decode(line, type=list[Intercept])
+                        await self._apply(intercepts, http, sid)
+                    raise SessionLost("the manager ended the watch")
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await heartbeat
+
+    async def _heartbeat(self, http: aiohttp.ClientSession, sid: str) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            async with http.post(f"{self.manager_url}/v1/sessions/{sid}/remain") as r:
+                if r.status == 404:
+                    log.warning("the manager lost this agent's session")
+                    # Ends the watch as well: the session loop arrives again.
+                    raise SessionLost("session not found")
+
+    async def _apply(
+        self,
+        intercepts: list[Intercept],
+        http: aiohttp.ClientSession | None = None,
+        sid: str | None = None,
+    ) -> None:
+        """Route what the manager asks for; review each intercept that waits for us."""
+        if self.proxy.engine.draining:
+            return  # shutting down: the table stays as it is while connections finish
+        specs = intercept_specs(intercepts)
+        try:
+            table = build_routes(self.base, specs, "manager")
+        except ConfigError as exc:
+            log.error("cannot apply the intercepts: %s", exc)
+            if http is not None and sid is not None:
+                for icept in intercepts:
+                    if icept.disposition == "WAITING":
+                        await self._review(
+                            http, sid, icept.id, Review(disposition="AGENT_ERROR", message=str(exc))
+                        )
+            return
+        await self.proxy.engine.apply(table)
+        self.applied = [s.id for s in specs]
+        if http is None or sid is None:
+            return
+        for icept in intercepts:
+            if icept.disposition == "WAITING":
+                routes = table[icept.spec.agent_port]
+                desc = next(
+                    (h.describe() for h in routes.http_intercepts if h.id == icept.id),
+                    "all TCP connections",
+                )
+                await self._review(
+                    http,
+                    sid,
+                    icept.id,
+                    Review(
+                        disposition="ACTIVE",
+                        message="serving",
+                        pod_ip=self.info.pod_ip,
+                        environment=self.info.environment,
+                        mechanism_desc=desc,
+                    ),
+                )
+
+    async def _review(
+        self, http: aiohttp.ClientSession, sid: str, icept: str, review: Review
+    ) -> None:
+        url = f"{self.manager_url}/v1/sessions/{sid}/reviews/{icept}"
+        async with http.post(
+            url, data=msgspec.json.encode(review), headers={"content-type": "application/json"}
+        ) as r:
+            if r.status >= 400:
+                log.warning("review of %s refused: %s %s", icept, r.status, await r.text())
+
+
+async def run_agent(proxy: Proxy, manager_url: str | None, environ: Mapping[str, str]) -> int:
+    """Start the engine from the config, then keep a manager session until SIGTERM drains."""
+    settings = proxy.settings
+    sidecar, routes = load(settings)
+    if sidecar is None:
+        raise ConfigError("the agent needs --config (the sidecar's config.yaml)")
+    await proxy.start(routes)
+    url = manager_url or f"http://{sidecar.manager_host}:{sidecar.manager_port}"
+    agent = Agent(
+        proxy,
+        sidecar,
+        routes,
+        url,
+        environ.get("_TEL_AGENT_NAME", ""),
+        environ.get("_TEL_AGENT_POD_IP", ""),
+        environ,
+    )
+    session = asyncio.create_task(agent.run())
+    try:
+        return await proxy.run_until_stopped()
+    finally:
+        session.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await session

@@ -1,0 +1,157 @@
+"""The traffic-agent with a real manager: it arrives, applies intercepts as routes, reviews them,
+keeps serving the app while the manager is away, and arrives again when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tpcontrol.localcluster import LocalControlPlane
+from tpcontrol.manager import Manager, ManagerSettings
+from tpproxy.agent import Agent, app_environment
+from tpproxy.config import load_sidecar
+from tpproxy.server import Proxy, load
+from tpproxy.settings import load_settings
+
+from .helpers import free_port, run
+from .http_servers import Upstream
+from .k8s_helpers import IMAGE, make_namespace, unique
+from .test_http import get, read_responses, send_raw
+
+CONFIG = """\
+agentName: echo
+namespace: {ns}
+workloadName: echo
+workloadKind: Deployment
+containers:
+- name: echo
+  envPrefix: A_
+  intercepts:
+  - {{serviceName: echo, servicePortName: http, containerPort: {app}, servicePort: 80, agentPort: {agent}}}
+"""
+
+
+async def wait_for(predicate: Any, within: float = 10) -> None:
+    async with asyncio.timeout(within):
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+
+def test_agent_applies_intercepts_and_survives_a_manager_restart(
+    control_plane: LocalControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        app, alice = await Upstream("app").start(), await Upstream("alice").start()
+        agent_port, manager_port = free_port(), free_port()
+        async with control_plane.api() as api:
+            ns = await make_namespace(api, unique("agent"))
+            config = tmp_path / "config.yaml"
+            config.write_text(CONFIG.format(ns=ns, app=app.port, agent=agent_port))
+            manager = Manager(api, ManagerSettings(agent_image=IMAGE))
+            runner, _ = await manager.start("127.0.0.1", manager_port)
+
+            settings = load_settings(
+                {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
+            )
+            proxy = Proxy(settings)
+            sidecar, routes = load(settings)
+            assert sidecar is not None
+            await proxy.start(routes)
+            environ = {"_TEL_APP_A_GREETING": "hi", "_TEL_APP_B_OTHER": "x", "PATH": "/bin"}
+            agent = Agent(
+                proxy,
+                sidecar,
+                routes,
+                f"http://127.0.0.1:{manager_port}",
+                "echo-1",
+                "10.1.0.5",
+                environ,
+            )
+            task = asyncio.create_task(agent.run())
+            try:
+                async with asyncio.timeout(10):
+                    await agent.connected.wait()
+                async with aiohttp.ClientSession() as http:
+                    base = f"http://127.0.0.1:{manager_port}"
+                    async with http.post(
+                        f"{base}/v1/clients", json={"name": "dev", "version": "1"}
+                    ) as r:
+                        client = (await r.json())["sessionId"]
+                    spec = {
+                        "name": "echo-http",
+                        "workload": "echo",
+                        "namespace": ns,
+                        "mechanism": "http",
+                        "serviceName": "echo",
+                        "servicePortIdentifier": "http",
+                        "containerPort": app.port,
+                        "agentPort": agent_port,
+                        "targetPort": alice.port,
+                        "headers": [{"name": "x-dev", "value": "alice"}],
+                    }
+                    async with http.post(f"{base}/v1/sessions/{client}/intercepts", json=spec) as r:
+                        assert r.status == 201, await r.text()
+
+                    async def active() -> bool:
+                        async with http.get(f"{base}/v1/sessions/{client}/intercepts") as r:
+                            items = await r.json()
+                        return bool(items) and items[0]["disposition"] == "ACTIVE"
+
+                    await wait_for(active)
+                    async with http.get(f"{base}/v1/sessions/{client}/intercepts") as r:
+                        (seen,) = await r.json()
+                    assert seen["podIp"] == "10.1.0.5"
+                    assert seen["environment"] == {"GREETING": "hi"}
+                    assert seen["mechanismDesc"] == "header(x-dev) == 'alice'"
+
+                    # One keep-alive connection: the header picks the developer, the rest the app.
+                    reader, writer = await send_raw(
+                        agent_port, get("/a") + get("/b", "x-dev: alice") + get("/c")
+                    )
+                    bodies = [r.body for r in await read_responses(reader, 3)]
+                    assert bodies == [b"app GET /a", b"alice GET /b", b"app GET /c"]
+                    writer.close()
+
+                    # The manager goes away: app traffic keeps flowing, intercept routes are dropped.
+                    await manager.stop()
+                    await runner.cleanup()
+                    await wait_for(lambda: _false_if(agent.connected.is_set()))
+                    reader, writer = await send_raw(
+                        agent_port, get("/d") + get("/e", "x-dev: alice")
+                    )
+                    bodies = [r.body for r in await read_responses(reader, 2)]
+                    assert bodies == [b"app GET /d", b"app GET /e"]
+                    writer.close()
+
+                    # It comes back on the same address: the agent arrives again by itself.
+                    manager = Manager(api, ManagerSettings(agent_image=IMAGE))
+                    runner, _ = await manager.start("127.0.0.1", manager_port)
+                    async with asyncio.timeout(15):
+                        await agent.connected.wait()
+                    assert manager.state.agents_of(ns, "echo")
+            finally:
+                task.cancel()
+                await manager.stop()
+                await runner.cleanup()
+                await proxy.engine.close()
+                app.close()
+                alice.close()
+
+    run(scenario(), timeout=90)
+
+
+async def _false_if(flag: bool) -> bool:
+    return not flag
+
+
+def test_app_environment_strips_each_containers_prefix(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.format(ns="default", app=8080, agent=9900))
+    sidecar = load_sidecar(config)
+    env = app_environment(
+        sidecar, {"_TEL_APP_A_X": "1", "_TEL_APP_B_Y": "2", "_TEL_AGENT_NAME": "p"}
+    )
+    assert env == {"X": "1"}
