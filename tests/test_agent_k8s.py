@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
+from tpcontrol.client import TunnelClient
 from tpcontrol.localcluster import LocalControlPlane
 from tpcontrol.manager import Manager, ManagerSettings
 from tpproxy.agent import Agent, app_environment
@@ -71,6 +73,7 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
                 environ,
             )
             task = asyncio.create_task(agent.run())
+            tunnel: TunnelClient | None = None
             try:
                 async with asyncio.timeout(10):
                     await agent.connected.wait()
@@ -94,6 +97,12 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
                     }
                     async with http.post(f"{base}/v1/sessions/{client}/intercepts", json=spec) as r:
                         assert r.status == 201, await r.text()
+                        icept = (await r.json())["id"]
+                    # The developer's side: idle tunnel streams that deliver to alice's server.
+                    tunnel = TunnelClient(
+                        "127.0.0.1", manager.tunnel_port, client, icept, "127.0.0.1", alice.port
+                    )
+                    tunnel.start()
 
                     async def active() -> bool:
                         async with http.get(f"{base}/v1/sessions/{client}/intercepts") as r:
@@ -133,6 +142,8 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
                         await agent.connected.wait()
                     assert manager.state.agents_of(ns, "echo")
             finally:
+                if tunnel is not None:
+                    await tunnel.close()
                 task.cancel()
                 await manager.stop()
                 await runner.cleanup()
@@ -155,3 +166,132 @@ def test_app_environment_strips_each_containers_prefix(tmp_path: Path) -> None:
         sidecar, {"_TEL_APP_A_X": "1", "_TEL_APP_B_Y": "2", "_TEL_AGENT_NAME": "p"}
     )
     assert env == {"X": "1"}
+
+
+def test_intercepts_reach_the_client_through_the_manager_tunnel(
+    control_plane: LocalControlPlane, tmp_path: Path
+) -> None:
+    """A TCP intercept delivers a 100 MB echo intact through agent -> manager -> client -> local
+    process; an HTTP intercept shares the port by header; a stream for someone else's intercept
+    is refused."""
+    from tpcontrol.client import TunnelClient
+    from tpproxy.tunnel import Hello, tunnel_connector
+
+    from .helpers import EchoProtocol, start_server, stream_through
+
+    async def scenario() -> None:
+        app = await Upstream("app").start()
+        alice = await Upstream("alice").start()
+        _, local_echo = await start_server(EchoProtocol)
+        _, raw_app = await start_server(EchoProtocol)
+        agent_port, tcp_port = free_port(), free_port()
+        async with control_plane.api() as api:
+            ns = await make_namespace(api, unique("tunnel"))
+            config = tmp_path / "config.yaml"
+            config.write_text(
+                CONFIG.format(ns=ns, app=app.port, agent=agent_port)
+                + f"  - {{serviceName: echo, servicePortName: raw, containerPort: {raw_app}, "
+                f"servicePort: 81, agentPort: {tcp_port}}}\n"
+            )
+            manager = Manager(api, ManagerSettings(agent_image=IMAGE))
+            runner, manager_port = await manager.start("127.0.0.1", 0)
+            settings = load_settings(
+                {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
+            )
+            proxy = Proxy(settings)
+            sidecar, routes = load(settings)
+            assert sidecar is not None
+            await proxy.start(routes)
+            agent = Agent(
+                proxy, sidecar, routes, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.9", {}
+            )
+            task = asyncio.create_task(agent.run())
+            clients: list[TunnelClient] = []
+            try:
+                async with asyncio.timeout(10):
+                    await agent.connected.wait()
+                assert agent.tunnel_port == manager.tunnel_port
+                base = f"http://127.0.0.1:{manager_port}"
+                async with aiohttp.ClientSession() as http:
+                    async with http.post(
+                        f"{base}/v1/clients", json={"name": "dev", "version": "1"}
+                    ) as r:
+                        sid = (await r.json())["sessionId"]
+                    common = {
+                        "workload": "echo",
+                        "namespace": ns,
+                        "serviceName": "echo",
+                        "containerPort": app.port,
+                    }
+                    specs = [
+                        {
+                            **common,
+                            "name": "web",
+                            "mechanism": "http",
+                            "servicePortIdentifier": "http",
+                            "agentPort": agent_port,
+                            "targetPort": alice.port,
+                            "headers": [{"name": "x-dev", "value": "alice"}],
+                        },
+                        {
+                            **common,
+                            "name": "raw",
+                            "mechanism": "tcp",
+                            "servicePortIdentifier": "raw",
+                            "containerPort": raw_app,
+                            "agentPort": tcp_port,
+                            "targetPort": local_echo,
+                        },
+                    ]
+                    ids = []
+                    for spec in specs:
+                        async with http.post(
+                            f"{base}/v1/sessions/{sid}/intercepts", json=spec
+                        ) as r:
+                            assert r.status == 201, await r.text()
+                            ids.append((await r.json())["id"])
+
+                    async def all_active() -> bool:
+                        async with http.get(f"{base}/v1/sessions/{sid}/intercepts") as r:
+                            return all(i["disposition"] == "ACTIVE" for i in await r.json())
+
+                    await wait_for(all_active)
+                for icept, local in zip(ids, (alice.port, local_echo), strict=True):
+                    client = TunnelClient(
+                        "127.0.0.1", manager.tunnel_port, sid, icept, "127.0.0.1", local
+                    )
+                    client.start()
+                    clients.append(client)
+
+                reader, writer = await send_raw(
+                    agent_port, get("/a") + get("/b", "x-dev: alice") + get("/c")
+                )
+                bodies = [r.body for r in await read_responses(reader, 3)]
+                assert bodies == [b"app GET /a", b"alice GET /b", b"app GET /c"]
+                writer.close()
+                assert alice.seen[0].target == "/b"
+
+                sent, received = await stream_through(tcp_port, 100 * 1024 * 1024)
+                assert sent == received
+                assert clients[1].served == 1
+                assert manager.tunnel.paired == 2
+
+                # An agent stream must belong to the agent, a client stream to the client.
+                connect = tunnel_connector(
+                    "127.0.0.1",
+                    manager.tunnel_port,
+                    lambda: Hello(role="client", session="forged", intercept=ids[0]),
+                )
+                with pytest.raises(ConnectionError, match="not found"):
+                    await connect(asyncio.Protocol)
+            finally:
+                for client in clients:
+                    await client.close()
+                task.cancel()
+                await manager.stop()
+                await runner.cleanup()
+                await proxy.engine.close()
+                app.close()
+                alice.close()
+
+    run(scenario(), timeout=120)

@@ -37,6 +37,7 @@ from tpcontrol.agentconfig import AgentConfigError, GeneratorSettings, generate
 from tpcontrol.configmap import AgentConfigStore
 from tpcontrol.images import ImageResolver
 from tpcontrol.prepare import PrepareError, check_interceptable, find_intercept
+from tpcontrol.rendezvous import Rendezvous
 from tpcontrol.rollout import AgentConfigWatcher, Rollouts
 from tpcontrol.workloads import Workloads
 from tpproxy.config import ConfigError
@@ -191,6 +192,8 @@ class Manager:
         self._tasks: list[asyncio.Task[None]] = []
         self._version = -1
         self.stopping = False
+        self.tunnel = Rendezvous(self.state)
+        self.tunnel_port = 0
         app = web.Application(client_max_size=1024 * 1024)
         routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v1/clients", self.arrive_client),
@@ -208,6 +211,7 @@ class Manager:
         for method, path, handler in routes:
             app.router.add_route(method, path, _errors(handler))
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/v1/info", self.info)
         self.app = app
 
     # -- life ---------------------------------------------------------------------------------
@@ -217,6 +221,7 @@ class Manager:
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         async with asyncio.timeout(30):
             await self.watcher.synced.wait()
+        self.tunnel_port = await self.tunnel.start(host, 0)
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()
@@ -227,6 +232,7 @@ class Manager:
     async def stop(self) -> None:
         """Stop watching and end every intercept stream (so the runner's cleanup need not wait)."""
         self.stopping = True
+        self.tunnel.close()
         async with self.changed:
             self.changed.notify_all()
         for task in self._tasks:
@@ -251,6 +257,10 @@ class Manager:
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+    async def info(self, _request: web.Request) -> web.Response:
+        """Where the tunnel listens (same host as this API)."""
+        return _json({"tunnelPort": self.tunnel_port, "version": "0.1.0"})
 
     # -- sessions -------------------------------------------------------------------------------
     async def arrive_client(self, request: web.Request) -> web.Response:

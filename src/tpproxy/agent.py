@@ -6,9 +6,9 @@ on is reviewed ACTIVE (or AGENT_ERROR with the reason). When the manager goes aw
 keeps forwarding to the app (intercept routes are dropped: nobody would be there to receive
 them), and arrives again with a growing delay until the manager answers.
 
-Intercepted traffic goes to the intercept's target address directly. The tunnel through the
-manager (for clients outside the cluster network) is not built yet; until it is, this is what
-reaches a developer process on the same network (tests, the local demo, `--to-pod` set-ups).
+Intercepted traffic goes through the manager's tunnel (`tpproxy.tunnel`): one stream per
+intercepted connection, paired by the manager with an idle stream of the intercepting client.
+A manager that advertises no tunnel gets the intercept's target address dialled directly.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -27,6 +28,8 @@ from tpproxy.config import ConfigError, Sidecar
 from tpproxy.routing import PortRoutes
 from tpproxy.server import Proxy, load
 from tpproxy.specs import InterceptSpec, build_routes
+from tpproxy.targets import ConnectorTarget
+from tpproxy.tunnel import Hello, tunnel_connector
 from tpproxy.wire import AgentInfo, Intercept, Review
 
 log = logging.getLogger("tpproxy.agent")
@@ -51,8 +54,11 @@ def app_environment(sidecar: Sidecar, environ: Mapping[str, str]) -> dict[str, s
     return env
 
 
-def intercept_specs(intercepts: list[Intercept]) -> list[InterceptSpec]:
-    """The routes to apply: intercepts the manager still wants served (WAITING or ACTIVE)."""
+def intercept_specs(intercepts: list[Intercept], tunnel: bool = False) -> list[InterceptSpec]:
+    """The routes to apply: intercepts the manager still wants served (WAITING or ACTIVE).
+
+    With `tunnel`, each target is the connector named `tunnel:<id>`; else the client's address.
+    """
     specs = []
     for icept in intercepts:
         if icept.disposition not in ("WAITING", "ACTIVE"):
@@ -62,7 +68,7 @@ def intercept_specs(intercepts: list[Intercept]) -> list[InterceptSpec]:
             InterceptSpec(
                 id=icept.id,
                 port=req.agent_port,
-                target=f"{req.target_host}:{req.target_port}",
+                target=f"tunnel:{icept.id}" if tunnel else f"{req.target_host}:{req.target_port}",
                 mechanism=req.mechanism,
                 headers=tuple(req.headers),
                 path=req.path,
@@ -100,6 +106,7 @@ class Agent:
             environment=app_environment(sidecar, os.environ if environ is None else environ),
         )
         self.session_id: str | None = None
+        self.tunnel_port = 0
         self.connected = asyncio.Event()
         self.applied: list[str] = []  # intercept ids currently routed
 
@@ -138,6 +145,8 @@ class Agent:
             log.info(
                 "arrived at %s as %s.%s", self.manager_url, self.info.name, self.info.namespace
             )
+            async with http.get(f"{self.manager_url}/v1/info") as r:
+                self.tunnel_port = int(msgspec.json.decode(await r.read()).get("tunnelPort", 0))
             heartbeat = asyncio.create_task(self._heartbeat(http, sid))
             try:
                 url = f"{self.manager_url}/v1/sessions/{sid}/intercepts?watch=1"
@@ -172,9 +181,11 @@ class Agent:
         """Route what the manager asks for; review each intercept that waits for us."""
         if self.proxy.engine.draining:
             return  # shutting down: the table stays as it is while connections finish
-        specs = intercept_specs(intercepts)
+        tunnel = bool(self.tunnel_port and sid)
+        specs = intercept_specs(intercepts, tunnel)
+        connectors = {s.target: self._tunnel(s.id) for s in specs} if tunnel else None
         try:
-            table = build_routes(self.base, specs, "manager")
+            table = build_routes(self.base, specs, "manager", connectors)
         except ConfigError as exc:
             log.error("cannot apply the intercepts: %s", exc)
             if http is not None and sid is not None:
@@ -207,6 +218,14 @@ class Agent:
                         mechanism_desc=desc,
                     ),
                 )
+
+    def _tunnel(self, intercept_id: str) -> ConnectorTarget:
+        host = urlsplit(self.manager_url).hostname or "127.0.0.1"
+        sid = self.session_id or ""
+        connector = tunnel_connector(
+            host, self.tunnel_port, lambda: Hello(role="agent", session=sid, intercept=intercept_id)
+        )
+        return ConnectorTarget(f"tunnel:{intercept_id}", connector)
 
     async def _review(
         self, http: aiohttp.ClientSession, sid: str, icept: str, review: Review

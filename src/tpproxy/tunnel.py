@@ -1,0 +1,150 @@
+"""Tunnel streams through the traffic-manager: one TCP connection per intercepted connection.
+
+A stream starts with one JSON line (a `Hello`), is answered with one JSON line (a `Welcome`), and
+then carries raw bytes both ways. Clients keep a few idle streams open per intercept; when the
+agent opens a stream for an intercepted connection, the manager pairs it with an idle client
+stream of that intercept and joins the two with the engine's relays, so the warm path costs no
+extra round trip. The manager checks that a client stream belongs to an intercept of that
+client's session, and an agent stream to an intercept of that agent's workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Literal, cast
+
+import msgspec
+
+from tpproxy.forward import WRITE_HIGH_WATER, WRITE_LOW_WATER, _Relay
+from tpproxy.stats import TrafficStats
+from tpproxy.targets import Connector, ProtocolFactory
+
+MAX_LINE = 4096
+
+
+class Hello(msgspec.Struct, frozen=True, rename="camel"):
+    """The first line of a stream: who opens it, for which intercept."""
+
+    role: Literal["client", "agent"]
+    session: str
+    intercept: str
+
+
+class Welcome(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """The manager's answer: `ok` (then raw bytes follow), else the reason it refused."""
+
+    ok: bool
+    stream: str = ""
+    error: str = ""
+
+
+class TunnelError(ConnectionError):
+    """A stream the manager refused; the message says why."""
+
+
+class LineReader(asyncio.Protocol):
+    """Reads the one handshake line, then hands the transport over to another protocol."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.line: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\n")
+        if end >= 0 and not self.line.done():
+            assert self.transport is not None
+            self.transport.pause_reading()  # what follows belongs to the next protocol
+            self.line.set_result((self.buffer[:end], self.buffer[end + 1 :]))
+        elif len(self.buffer) > MAX_LINE and not self.line.done():
+            self.line.set_exception(TunnelError("handshake line too long"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.line.done():
+            self.line.set_exception(TunnelError("closed during the handshake"))
+
+    def hand_over(self, protocol: asyncio.Protocol, leftover: bytes) -> None:
+        """Give the transport (and bytes already read) to `protocol`, and resume reading."""
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if leftover:
+            protocol.data_received(leftover)
+        transport.resume_reading()
+
+
+def tunnel_connector(host: str, port: int, hello: Callable[[], Hello]) -> Connector:
+    """A connector that opens a stream through the manager at host:port for `hello()`."""
+
+    async def connect(
+        factory: ProtocolFactory,
+    ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+        loop = asyncio.get_running_loop()
+        transport, reader = await loop.create_connection(LineReader, host, port)
+        try:
+            transport.write(msgspec.json.encode(hello()) + b"\n")
+            line, leftover = await reader.line
+            welcome = msgspec.json.decode(line, type=Welcome)
+            if not welcome.ok:
+                raise TunnelError(welcome.error or "refused")
+        except BaseException:
+            transport.abort()
+            raise
+        protocol = factory()
+        reader.hand_over(protocol, leftover)
+        return transport, protocol
+
+    return connect
+
+
+class _Joined(_Relay):
+    """One side of two joined streams (the manager splicing an agent and a client stream)."""
+
+    __slots__ = ("_inbound",)
+
+    def __init__(self, stats: TrafficStats, inbound: bool) -> None:
+        super().__init__()
+        self.stats = stats
+        self._inbound = inbound
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inbound:
+            self.stats.bytes_to_target += len(data)
+        else:
+            self.stats.bytes_to_client += len(data)
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+
+
+def join(
+    agent: LineReader,
+    agent_rest: bytes,
+    client: LineReader,
+    client_rest: bytes,
+    stats: TrafficStats,
+) -> None:
+    """Splice two handshaken streams: bytes flow both ways with flow control and half-close."""
+    a, c = _Joined(stats, inbound=True), _Joined(stats, inbound=False)
+    a.peer, c.peer = c, a
+    # Both transports must be known before either side's leftover bytes are passed on.
+    assert agent.transport is not None
+    assert client.transport is not None
+    a.transport, c.transport = agent.transport, client.transport
+    agent.hand_over(a, b"")
+    client.hand_over(c, b"")
+    if agent_rest:
+        a.data_received(agent_rest)
+    if client_rest:
+        c.data_received(client_rest)
