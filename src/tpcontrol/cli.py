@@ -72,6 +72,39 @@ def _parser() -> argparse.ArgumentParser:
         choices=["OnDemand", "WhenEnabled"],
     )
 
+    icept = sub.add_parser("intercept", help="intercept a workload's traffic to a local port")
+    icept.add_argument("workload")
+    icept.add_argument("--namespace", "-n", default=_env("namespace", "default"))
+    icept.add_argument("--service", default="", help="when the workload has several services")
+    icept.add_argument("--port", default="", help="service port name or number (/TCP, /UDP)")
+    icept.add_argument("--to", type=int, default=8080, help="local port to deliver to (8080)")
+    icept.add_argument("--mechanism", choices=["tcp", "http"], default="tcp")
+    icept.add_argument(
+        "--http-header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE|NAME~=REGEX",
+        help="implies --mechanism http",
+    )
+    icept.add_argument("--http-path-prefix", default="", help="implies --mechanism http")
+    icept.add_argument("--name", default="", help="intercept name (default WORKLOAD-PORT)")
+    icept.add_argument("--env-file", help="write the container's environment here")
+    icept.add_argument("--wait", type=float, default=120, help="seconds to wait for ACTIVE")
+    icept.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
+    icept.epilog = (
+        "After `--`, a COMMAND to run with the container's environment; the "
+        "intercept ends when it does."
+    )
+
+    listing = sub.add_parser("list", help="list the intercepts the manager knows")
+    listing.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
+
+    uninstall = sub.add_parser("uninstall", help="remove the agent from a workload (or all)")
+    uninstall.add_argument("workload", nargs="?", default="")
+    uninstall.add_argument("--all", action="store_true", help="every workload of the namespace")
+    uninstall.add_argument("--namespace", "-n", default=_env("namespace", "default"))
+    uninstall.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
+
     manager = sub.add_parser("manager", help="run the traffic-manager (HTTP API on --listen)")
     manager.add_argument("--listen", default=_env("listen", "0.0.0.0:8081"), metavar="HOST:PORT")
     manager.add_argument("--kubeconfig", default=_env("kubeconfig"))
@@ -183,6 +216,35 @@ async def _run_manager(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _admin(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    base = args.manager.rstrip("/")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            if args.command == "list":
+                async with http.get(f"{base}/v1/intercepts") as r:
+                    for i in await r.json():
+                        spec = i["spec"]
+                        where = f"{spec['workload']}.{spec['namespace']}"
+                        print(
+                            f"{i['id']:<40} {where:<24} {spec['mechanism']:<5} "
+                            f"{i['disposition']:<12} {i['client']}"
+                        )
+                return 0
+            if not args.workload and not args.all:
+                return _fail("uninstall: name a WORKLOAD or give --all")
+            body = {"namespace": args.namespace, "workload": "" if args.all else args.workload}
+            async with http.post(f"{base}/v1/uninstall", json=body) as r:
+                answer = await r.json()
+                if r.status != 200:
+                    return _fail(answer.get("error", str(r.status)))
+                print("removed: " + (", ".join(answer["removed"]) or "nothing"))
+                return 0
+    except (aiohttp.ClientError, OSError) as exc:
+        return _fail(f"cannot reach the traffic-manager at {base}: {exc}")
+
+
 def _webhook_config(args: argparse.Namespace) -> int:
     from tpcontrol.webhook import webhook_configuration
 
@@ -215,7 +277,12 @@ def _webhook_config(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tpcontrol` and `python -m tpcontrol`."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in words:  # tpcontrol intercept ... -- COMMAND ARGS
+        cut = words.index("--")
+        words, command = words[:cut], words[cut + 1 :]
+    args = parser.parse_args(words)
     if args.command == "demo":
         if not 1 <= args.requests <= 100:
             parser.error("--requests: must be from 1 to 100")
@@ -227,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return uvloop.run(_run_webhook(args))
     if args.command == "manager":
         return uvloop.run(_run_manager(args))
+    if args.command == "intercept":
+        from tpcontrol.intercept import run_intercept
+
+        args.run = command
+        return uvloop.run(run_intercept(args))
+    if args.command in ("list", "uninstall"):
+        return uvloop.run(_admin(args))
     if args.command == "webhook-config":
         return _webhook_config(args)
     parser.error(f"unknown command {args.command!r}")

@@ -24,8 +24,14 @@ class TunnelClient:
     """Keeps `pool` idle streams for one intercept and serves each pairing from `local_port`."""
 
     def __init__(
-        self, manager_host: str, tunnel_port: int, session: str, intercept: str,
-        local_host: str, local_port: int, pool: int = 4,
+        self,
+        manager_host: str,
+        tunnel_port: int,
+        session: str,
+        intercept: str,
+        local_host: str,
+        local_port: int,
+        pool: int = 4,
     ) -> None:
         self.manager = (manager_host, tunnel_port)
         self.hello = Hello(role="client", session=session, intercept=intercept)

@@ -212,6 +212,7 @@ class Manager:
             app.router.add_route(method, path, _errors(handler))
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/info", self.info)
+        app.router.add_get("/v1/intercepts", self.all_intercepts)
         self.app = app
 
     # -- life ---------------------------------------------------------------------------------
@@ -257,6 +258,10 @@ class Manager:
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+    async def all_intercepts(self, _request: web.Request) -> web.Response:
+        """Every intercept, for `tpcontrol list` (ids, owners, dispositions)."""
+        return _json(self.state.all_intercepts())
 
     async def info(self, _request: web.Request) -> web.Response:
         """Where the tunnel listens (same host as this API)."""

@@ -1,0 +1,217 @@
+"""`tpcontrol intercept`: prepare and create an intercept, deliver its traffic to a local port
+through the manager's tunnel, hand the container's environment to a command, and leave on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+
+from tpcontrol.client import TunnelClient
+from tpproxy.specs import HeaderMatch, PathMatch
+
+HEARTBEAT = 5.0
+_HEADER = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+?)(~=|=)(.*)$")  # lazy: `~=` wins over `=`
+
+
+class UsageError(ValueError):
+    """A bad flag; the message names it."""
+
+
+def parse_header(text: str) -> HeaderMatch:
+    """`NAME=VALUE` (exact) or `NAME~=REGEX` (the whole value must match)."""
+    match = _HEADER.match(text)
+    if match is None:
+        raise UsageError(f"--http-header {text!r}: expected NAME=VALUE or NAME~=REGEX")
+    name, op, value = match.groups()
+    if op == "~=":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise UsageError(f"--http-header {text!r}: invalid regex: {exc}") from None
+    return HeaderMatch(name=name, value=value, op="regex" if op == "~=" else "exact")
+
+
+@dataclass
+class InterceptSession:
+    """One client session at the manager, holding one intercept until closed."""
+
+    manager: str
+    http: aiohttp.ClientSession
+    session: str = ""
+    intercept: dict[str, Any] = field(default_factory=dict)
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = msgspec.json.encode(body) if body is not None else None
+        async with self.http.request(
+            method, self.manager + path, data=data, headers={"content-type": "application/json"}
+        ) as r:
+            raw = await r.read()
+            return r.status, msgspec.json.decode(raw) if raw else None
+
+    async def arrive(self) -> None:
+        name = f"{getpass.getuser()}@{socket.gethostname()}"
+        status, answer = await self.call("POST", "/v1/clients", {"name": name, "version": "0.1.0"})
+        if status != 201:
+            raise UsageError(f"the manager refused this client: {answer}")
+        self.session = answer["sessionId"]
+
+    async def depart(self) -> None:
+        with contextlib.suppress(aiohttp.ClientError):
+            await self.call("DELETE", f"/v1/sessions/{self.session}")
+
+
+def _fail(message: str) -> int:
+    print(f"tpcontrol: error: {message}", file=sys.stderr)
+    return 2
+
+
+async def run_intercept(args: Any) -> int:
+    """The whole command; returns the exit code (the command's, when one was run)."""
+    try:
+        headers = [parse_header(h) for h in args.http_header]
+    except UsageError as exc:
+        return _fail(str(exc))
+    mechanism = "http" if (headers or args.http_path_prefix) else args.mechanism
+    if args.http_path_prefix and not args.http_path_prefix.startswith("/"):
+        return _fail(f"--http-path-prefix {args.http_path_prefix!r}: must start with /")
+    timeout = aiohttp.ClientTimeout(total=None, connect=5)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        client = InterceptSession(args.manager.rstrip("/"), http)
+        try:
+            await client.arrive()
+        except (aiohttp.ClientError, OSError) as exc:
+            return _fail(f"cannot reach the traffic-manager at {args.manager}: {exc}")
+        try:
+            return await _intercept(client, args, mechanism, headers)
+        except UsageError as exc:
+            return _fail(str(exc))
+        finally:
+            await client.depart()
+
+
+async def _intercept(
+    client: InterceptSession, args: Any, mechanism: str, headers: list[HeaderMatch]
+) -> int:
+    request = {
+        "workload": args.workload,
+        "namespace": args.namespace,
+        "service": args.service,
+        "port": args.port,
+        "mechanism": mechanism,
+    }
+    status, prepared = await client.call("POST", "/v1/prepare", request)
+    if status != 200:
+        raise UsageError(prepared["error"].split("\n")[0] if prepared else f"prepare: {status}")
+    port_id = prepared["servicePortName"] or str(prepared["servicePort"])
+    print(
+        f"intercepting {prepared['workloadKind']} {args.workload}.{args.namespace}: service "
+        f"{prepared['serviceName']} port {port_id} (container {prepared['containerName']}:"
+        f"{prepared['containerPort']}) -> localhost:{args.to}",
+        flush=True,
+    )
+    spec = {
+        "name": args.name or f"{args.workload}-{port_id}",
+        "workload": args.workload,
+        "namespace": args.namespace,
+        "mechanism": mechanism,
+        "serviceName": prepared["serviceName"],
+        "servicePortIdentifier": port_id,
+        "containerPort": prepared["containerPort"],
+        "agentPort": prepared["agentPort"],
+        "targetPort": args.to,
+        "headers": [msgspec.to_builtins(h) for h in headers],
+    }
+    if args.http_path_prefix:
+        spec["path"] = msgspec.to_builtins(PathMatch(value=args.http_path_prefix, op="prefix"))
+    status, created = await client.call("POST", f"/v1/sessions/{client.session}/intercepts", spec)
+    if status != 201:
+        raise UsageError(created["error"] if created else f"create: {status}")
+    icept = created["id"]
+    status, info = await client.call("GET", "/v1/info")
+    tunnel = TunnelClient(
+        urlsplit(client.manager).hostname or "127.0.0.1",
+        info["tunnelPort"],
+        client.session,
+        icept,
+        "127.0.0.1",
+        args.to,
+    )
+    tunnel.start()
+    heartbeat = asyncio.create_task(_heartbeat(client))
+    try:
+        intercept = await _until_active(client, icept, args.wait)
+        env = dict(intercept.get("environment") or {})
+        env["TELEPRESENCE_INTERCEPT_ID"] = icept
+        if args.env_file:
+            text = "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
+            await asyncio.to_thread(Path(args.env_file).write_text, text)
+        if args.run:
+            return await _run_command(args.run, env)
+        await _until_signalled()
+        return 0
+    finally:
+        heartbeat.cancel()
+        await tunnel.close()
+        await client.call("DELETE", f"/v1/sessions/{client.session}/intercepts/{spec['name']}")
+        print(f"left intercept {icept}", flush=True)
+
+
+async def _heartbeat(client: InterceptSession) -> None:
+    while True:
+        await asyncio.sleep(HEARTBEAT)
+        with contextlib.suppress(aiohttp.ClientError):
+            await client.call("POST", f"/v1/sessions/{client.session}/remain")
+
+
+async def _until_active(client: InterceptSession, icept: str, wait: float) -> dict[str, Any]:
+    """Show each change of the intercept's state until it is ACTIVE (or fails)."""
+    url = f"{client.manager}/v1/sessions/{client.session}/intercepts?watch=1"
+    shown = ""
+    try:
+        async with asyncio.timeout(wait), client.http.get(url) as stream:
+            async for line in stream.content:
+                for intercept in msgspec.json.decode(line):
+                    if intercept["id"] != icept:
+                        continue
+                    state = intercept["disposition"]
+                    if state != shown:
+                        shown = state
+                        note = (
+                            " (pods are rolling out with the agent)" if state == "WAITING" else ""
+                        )
+                        print(f"  {state}: {intercept.get('message', '')}{note}", flush=True)
+                    if state == "ACTIVE":
+                        return dict(intercept)
+                    if state in ("AGENT_ERROR", "BAD_ARGS", "NO_AGENT", "NO_MECHANISM"):
+                        raise UsageError(f"intercept {icept}: {state}: {intercept.get('message')}")
+    except TimeoutError:
+        raise UsageError(f"intercept {icept} not active after {wait:.0f} s") from None
+    raise UsageError("the manager ended the watch")
+
+
+async def _run_command(command: Sequence[str], env: dict[str, str]) -> int:
+    proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, **env})
+    return await proc.wait()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

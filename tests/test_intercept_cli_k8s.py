@@ -1,0 +1,158 @@
+"""`tpcontrol intercept` end to end on a real API server, manager and agent: prepare, create, the
+tunnel to a local process, the container's environment handed to a command, and leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from tpcontrol.configmap import AgentConfigStore
+from tpcontrol.localcluster import LocalControlPlane
+from tpcontrol.manager import Manager, ManagerSettings
+from tpproxy.agent import Agent
+from tpproxy.config import encode_sidecar
+from tpproxy.server import Proxy, load
+from tpproxy.settings import load_settings
+
+from .helpers import free_port, run
+from .http_servers import Upstream
+from .k8s_helpers import IMAGE, deployment, make_namespace, service, unique
+from .test_http import get, read_responses, send_raw
+from .test_webhook_k8s import create
+
+PROBE = """
+import os, sys, urllib.request
+request = urllib.request.Request("http://127.0.0.1:{port}/through", headers={{"x-dev": "alice"}})
+print(urllib.request.urlopen(request, timeout=10).read().decode())
+print("GREETING=" + os.environ.get("GREETING", "?"))
+print("ID=" + os.environ.get("TELEPRESENCE_INTERCEPT_ID", "?"))
+"""
+
+
+def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        app, dev = await Upstream("app").start(), await Upstream("dev").start()
+        agent_port = free_port()
+        async with control_plane.api() as api:
+            ns = await make_namespace(api, unique("cli"))
+            container = {
+                "name": "echo",
+                "image": "example/echo",
+                "ports": [{"name": "http", "containerPort": app.port}],
+            }
+            await create(
+                api,
+                ns,
+                service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]),
+                deployment("echo", [container]),
+            )
+            manager = Manager(api, ManagerSettings(agent_image=IMAGE, agent_port=agent_port))
+            runner, manager_port = await manager.start()
+            proxy: Proxy | None = None
+            agent_task: asyncio.Task[None] | None = None
+            try:
+                env_file = tmp_path / "echo.env"
+                cli = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "tpcontrol",
+                    "intercept",
+                    "echo",
+                    "-n",
+                    ns,
+                    "--port",
+                    "http",
+                    "--to",
+                    str(dev.port),
+                    "--http-header",
+                    "x-dev=alice",
+                    "--env-file",
+                    str(env_file),
+                    "--manager",
+                    f"http://127.0.0.1:{manager_port}",
+                    "--wait",
+                    "60",
+                    "--",
+                    sys.executable,
+                    "-c",
+                    PROBE.format(port=agent_port),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                # The pod's part: once prepare has stored the entry, run the agent from it, as the
+                # webhook's injected container would.
+                store = AgentConfigStore(api)
+                async with asyncio.timeout(30):
+                    while (entry := await store.get(ns, "echo")) is None:
+                        await asyncio.sleep(0.05)
+                config = tmp_path / "config.yaml"
+                config.write_bytes(encode_sidecar(entry))
+                settings = load_settings(
+                    {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
+                )
+                proxy = Proxy(settings)
+                sidecar, routes = load(settings)
+                assert sidecar is not None
+                await proxy.start(routes)
+                agent = Agent(
+                    proxy,
+                    sidecar,
+                    routes,
+                    f"http://127.0.0.1:{manager_port}",
+                    "echo-1",
+                    "10.0.0.7",
+                    {"_TEL_APP_A_GREETING": "hi"},
+                )
+                agent_task = asyncio.create_task(agent.run())
+
+                async with asyncio.timeout(60):
+                    out, err = await cli.communicate()
+                text = out.decode()
+                assert cli.returncode == 0, err.decode() + text
+                assert "dev GET /through" in text  # reached the local process through the tunnel
+                assert "GREETING=hi" in text  # the container's environment, prefix stripped
+                assert "ID=" in text
+                assert "ID=?" not in text
+                assert "ACTIVE" in text
+                assert "left intercept" in text
+                assert "GREETING=hi\n" in env_file.read_text()
+                assert manager.state.all_intercepts() == []  # left on exit
+
+                # Back to the app for everyone.
+                reader, writer = await send_raw(agent_port, get("/after", "x-dev: alice"))
+                (response,) = await read_responses(reader, 1)
+                assert response.body == b"app GET /after"
+                writer.close()
+
+                # A wrong port is one clear line and exit code 2, and nothing is created.
+                bad = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "tpcontrol",
+                    "intercept",
+                    "echo",
+                    "-n",
+                    ns,
+                    "--port",
+                    "nope",
+                    "--manager",
+                    f"http://127.0.0.1:{manager_port}",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                _, err = await bad.communicate()
+                assert bad.returncode == 2
+                assert err.decode().count("\n") == 1
+                assert "has no interceptable port matching port nope" in err.decode()
+            finally:
+                if agent_task is not None:
+                    agent_task.cancel()
+                if proxy is not None:
+                    await proxy.engine.close()
+                await manager.stop()
+                await runner.cleanup()
+                app.close()
+                dev.close()
+
+    run(scenario(), timeout=120)
