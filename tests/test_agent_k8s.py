@@ -295,3 +295,73 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
                 alice.close()
 
     run(scenario(), timeout=120)
+
+
+def test_a_vanished_client_loses_its_intercepts_and_traffic_returns_to_the_app(
+    control_plane: LocalControlPlane, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        app, alice = await Upstream("app").start(), await Upstream("alice").start()
+        agent_port = free_port()
+        async with control_plane.api() as api:
+            ns = await make_namespace(api, unique("vanish"))
+            config = tmp_path / "config.yaml"
+            config.write_text(CONFIG.format(ns=ns, app=app.port, agent=agent_port))
+            manager = Manager(api, ManagerSettings(agent_image=IMAGE, client_ttl=1.0))
+            runner, manager_port = await manager.start()
+            settings = load_settings(
+                {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
+            )
+            proxy = Proxy(settings)
+            sidecar, routes = load(settings)
+            assert sidecar is not None
+            await proxy.start(routes)
+            agent = Agent(
+                proxy, sidecar, routes, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.2", {}
+            )
+            task = asyncio.create_task(agent.run())
+            try:
+                async with asyncio.timeout(10):
+                    await agent.connected.wait()
+                base = f"http://127.0.0.1:{manager_port}"
+                async with aiohttp.ClientSession() as http:
+                    async with http.post(
+                        f"{base}/v1/clients", json={"name": "gone", "version": "1"}
+                    ) as r:
+                        sid = (await r.json())["sessionId"]
+                    spec = {
+                        "name": "web",
+                        "workload": "echo",
+                        "namespace": ns,
+                        "mechanism": "http",
+                        "serviceName": "echo",
+                        "servicePortIdentifier": "http",
+                        "containerPort": app.port,
+                        "agentPort": agent_port,
+                        "targetPort": alice.port,
+                        "headers": [{"name": "x-dev", "value": "alice"}],
+                    }
+                    async with http.post(f"{base}/v1/sessions/{sid}/intercepts", json=spec) as r:
+                        assert r.status == 201
+                await wait_for(lambda: _routed(agent, 1))
+                # The client sends no heartbeat: after its TTL it and its intercept are gone, and
+                # the agent is told to route to the app again.
+                await wait_for(lambda: _routed(agent, 0), within=15)
+                assert manager.state.all_intercepts() == []
+                reader, writer = await send_raw(agent_port, get("/x", "x-dev: alice"))
+                (response,) = await read_responses(reader, 1)
+                assert response.body == b"app GET /x"
+                writer.close()
+            finally:
+                task.cancel()
+                await manager.stop()
+                await runner.cleanup()
+                await proxy.engine.close()
+                app.close()
+                alice.close()
+
+    run(scenario(), timeout=60)
+
+
+async def _routed(agent: Agent, count: int) -> bool:
+    return len(agent.applied) == count

@@ -58,6 +58,11 @@ class ManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     api_port: int = 0
     agent_log_level: str = "info"
     manager_port: int = 8081
+    # Clients heartbeat every 5 s: one that has been silent this long has vanished, and its
+    # intercepts are removed so traffic goes back to the app (2.6 waited 24 h).
+    client_ttl: float = 60.0
+    agent_ttl: float = 15.0
+    no_agent_timeout: float = 120.0
 
 
 # Kubernetes' own rules for the names a request carries: checked before any API call, so a bad
@@ -178,7 +183,11 @@ class Manager:
         self, api: k8s.ApiClient, settings: ManagerSettings, state: st.ManagerState | None = None
     ) -> None:
         self.settings = settings
-        self.state = state or st.ManagerState()
+        self.state = state or st.ManagerState(
+            client_ttl=settings.client_ttl,
+            agent_ttl=settings.agent_ttl,
+            no_agent_timeout=settings.no_agent_timeout,
+        )
         self.workloads = Workloads(api)
         labels = {
             "app.kubernetes.io/name": "telepresence-agents",
