@@ -171,7 +171,7 @@ def test_app_environment_strips_each_containers_prefix(tmp_path: Path) -> None:
 def test_intercepts_reach_the_client_through_the_manager_tunnel(
     control_plane: LocalControlPlane, tmp_path: Path
 ) -> None:
-    """A TCP intercept delivers a 100 MB echo intact through agent -> manager -> client -> local
+    """A TCP intercept delivers a 1 GB echo intact through agent -> manager -> client -> local
     process; an HTTP intercept shares the port by header; a stream for someone else's intercept
     is refused."""
     from tpcontrol.client import TunnelClient
@@ -271,7 +271,7 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
                 writer.close()
                 assert alice.seen[0].target == "/b"
 
-                sent, received = await stream_through(tcp_port, 100 * 1024 * 1024)
+                sent, received = await stream_through(tcp_port, 1024 * 1024 * 1024)
                 assert sent == received
                 assert clients[1].served == 1
                 assert manager.tunnel.paired == 2
