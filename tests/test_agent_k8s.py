@@ -182,6 +182,7 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
     async def scenario() -> None:
         app = await Upstream("app").start()
         alice = await Upstream("alice").start()
+        bob = await Upstream("bob").start()
         _, local_echo = await start_server(EchoProtocol)
         _, raw_app = await start_server(EchoProtocol)
         agent_port, tcp_port = free_port(), free_port()
@@ -256,25 +257,53 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
                             return all(i["disposition"] == "ACTIVE" for i in await r.json())
 
                     await wait_for(all_active)
-                for icept, local in zip(ids, (alice.port, local_echo), strict=True):
+                    # A second developer shares the HTTP port with other rules.
+                    async with http.post(
+                        f"{base}/v1/clients", json={"name": "bob", "version": "1"}
+                    ) as r:
+                        bob_sid = (await r.json())["sessionId"]
+                    bob_spec = {
+                        **specs[0],
+                        "name": "web",
+                        "headers": [{"name": "x-dev", "value": "bob"}],
+                        "targetPort": bob.port,
+                    }
+                    async with http.post(
+                        f"{base}/v1/sessions/{bob_sid}/intercepts", json=bob_spec
+                    ) as r:
+                        assert r.status == 201, await r.text()
+                        bob_id = (await r.json())["id"]
+
+                    async def bob_active() -> bool:
+                        async with http.get(f"{base}/v1/sessions/{bob_sid}/intercepts") as r:
+                            return all(i["disposition"] == "ACTIVE" for i in await r.json())
+
+                    await wait_for(bob_active)
+                owners = [
+                    (sid, ids[0], alice.port),
+                    (sid, ids[1], local_echo),
+                    (bob_sid, bob_id, bob.port),
+                ]
+                for owner, icept, local in owners:
                     client = TunnelClient(
-                        "127.0.0.1", manager.tunnel_port, sid, icept, "127.0.0.1", local
+                        "127.0.0.1", manager.tunnel_port, owner, icept, "127.0.0.1", local
                     )
                     client.start()
                     clients.append(client)
 
                 reader, writer = await send_raw(
-                    agent_port, get("/a") + get("/b", "x-dev: alice") + get("/c")
+                    agent_port,
+                    get("/a") + get("/b", "x-dev: alice") + get("/c") + get("/d", "x-dev: bob"),
                 )
-                bodies = [r.body for r in await read_responses(reader, 3)]
-                assert bodies == [b"app GET /a", b"alice GET /b", b"app GET /c"]
+                bodies = [r.body for r in await read_responses(reader, 4)]
+                assert bodies == [b"app GET /a", b"alice GET /b", b"app GET /c", b"bob GET /d"]
                 writer.close()
                 assert alice.seen[0].target == "/b"
 
                 sent, received = await stream_through(tcp_port, 1024 * 1024 * 1024)
                 assert sent == received
                 assert clients[1].served == 1
-                assert manager.tunnel.paired == 2
+                assert manager.tunnel.paired == 3
 
                 # An agent stream must belong to the agent, a client stream to the client.
                 connect = tunnel_connector(
