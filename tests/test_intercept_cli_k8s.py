@@ -156,3 +156,116 @@ def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path
                 dev.close()
 
     run(scenario(), timeout=120)
+
+
+async def _reaches(port: int, header: str | None, want: bytes, within: float) -> None:
+    """Send requests (bounded, 0.2 s apart) until one's answer is `want`."""
+    async with asyncio.timeout(within):
+        while True:
+            headers = (header,) if header else ()
+            reader, writer = await send_raw(port, get("/probe", *headers))
+            try:
+                (response,) = await read_responses(reader, 1, timeout=5)
+                if response.body.startswith(want):
+                    return
+            finally:
+                writer.close()
+            await asyncio.sleep(0.2)
+
+
+def test_intercept_survives_a_manager_restart_and_leaves_on_ctrl_c(
+    control_plane: LocalControlPlane, tmp_path: Path
+) -> None:
+    import signal
+
+    async def scenario() -> None:
+        app, dev = await Upstream("app").start(), await Upstream("dev").start()
+        agent_port, manager_port = free_port(), free_port()
+        async with control_plane.api() as api:
+            ns = await make_namespace(api, unique("restart"))
+            container = {
+                "name": "echo",
+                "image": "example/echo",
+                "ports": [{"name": "http", "containerPort": app.port}],
+            }
+            await create(
+                api,
+                ns,
+                service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]),
+                deployment("echo", [container]),
+            )
+            settings = ManagerSettings(agent_image=IMAGE, agent_port=agent_port)
+            manager = Manager(api, settings)
+            runner, _ = await manager.start("127.0.0.1", manager_port)
+            proxy: Proxy | None = None
+            agent_task: asyncio.Task[None] | None = None
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tpcontrol",
+                "intercept",
+                "echo",
+                "-n",
+                ns,
+                "--port",
+                "http",
+                "--to",
+                str(dev.port),
+                "--http-header",
+                "x-dev=alice",
+                "--manager",
+                f"http://127.0.0.1:{manager_port}",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                store = AgentConfigStore(api)
+                async with asyncio.timeout(30):
+                    while (entry := await store.get(ns, "echo")) is None:
+                        await asyncio.sleep(0.05)
+                config = tmp_path / "config.yaml"
+                config.write_bytes(encode_sidecar(entry))
+                agent_settings = load_settings(
+                    {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
+                )
+                proxy = Proxy(agent_settings)
+                sidecar, routes = load(agent_settings)
+                assert sidecar is not None
+                await proxy.start(routes)
+                agent = Agent(
+                    proxy, sidecar, routes, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.3", {}
+                )
+                agent_task = asyncio.create_task(agent.run())
+                await _reaches(agent_port, "x-dev: alice", b"dev GET", within=30)
+
+                await manager.stop()
+                await runner.cleanup()
+                await _reaches(agent_port, None, b"app GET", within=10)  # the app keeps serving
+
+                manager = Manager(api, settings)
+                runner, _ = await manager.start("127.0.0.1", manager_port)
+                # The client arrives and intercepts again, the agent arrives again: back to dev.
+                await _reaches(agent_port, "x-dev: alice", b"dev GET", within=45)
+
+                cli.send_signal(signal.SIGINT)
+                async with asyncio.timeout(20):
+                    out, err = await cli.communicate()
+                text = out.decode()
+                assert cli.returncode == 0, err.decode() + text
+                assert "intercepting again" in text
+                assert "left intercept" in text
+                assert manager.state.all_intercepts() == []
+            finally:
+                if cli.returncode is None:
+                    cli.kill()
+                    await cli.wait()
+                if agent_task is not None:
+                    agent_task.cancel()
+                if proxy is not None:
+                    await proxy.engine.close()
+                await manager.stop()
+                await runner.cleanup()
+                app.close()
+                dev.close()
+
+    run(scenario(), timeout=150)

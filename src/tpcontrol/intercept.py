@@ -138,25 +138,13 @@ async def _intercept(
     }
     if args.http_path_prefix:
         spec["path"] = msgspec.to_builtins(PathMatch(value=args.http_path_prefix, op="prefix"))
-    status, created = await client.call("POST", f"/v1/sessions/{client.session}/intercepts", spec)
-    if status != 201:
-        raise UsageError(created["error"] if created else f"create: {status}")
-    icept = created["id"]
-    status, info = await client.call("GET", "/v1/info")
-    tunnel = TunnelClient(
-        urlsplit(client.manager).hostname or "127.0.0.1",
-        info["tunnelPort"],
-        client.session,
-        icept,
-        "127.0.0.1",
-        args.to,
-    )
-    tunnel.start()
-    heartbeat = asyncio.create_task(_heartbeat(client))
+    live = LiveIntercept(client, spec, args.to)
+    await live.create()
+    heartbeat = asyncio.create_task(live.keep())
     try:
-        intercept = await _until_active(client, icept, args.wait)
+        intercept = await _until_active(client, live.id, args.wait)
         env = dict(intercept.get("environment") or {})
-        env["TELEPRESENCE_INTERCEPT_ID"] = icept
+        env["TELEPRESENCE_INTERCEPT_ID"] = live.id
         if args.env_file:
             text = "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
             await asyncio.to_thread(Path(args.env_file).write_text, text)
@@ -166,16 +154,65 @@ async def _intercept(
         return 0
     finally:
         heartbeat.cancel()
-        await tunnel.close()
-        await client.call("DELETE", f"/v1/sessions/{client.session}/intercepts/{spec['name']}")
-        print(f"left intercept {icept}", flush=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+        await live.leave()
 
 
-async def _heartbeat(client: InterceptSession) -> None:
-    while True:
-        await asyncio.sleep(HEARTBEAT)
-        with contextlib.suppress(aiohttp.ClientError):
-            await client.call("POST", f"/v1/sessions/{client.session}/remain")
+class LiveIntercept:
+    """The intercept and its tunnel, kept alive: after a manager restart (the session is
+    unknown there) the client arrives again and creates the intercept again."""
+
+    def __init__(self, client: InterceptSession, spec: dict[str, Any], local_port: int) -> None:
+        self.client = client
+        self.spec = spec
+        self.local_port = local_port
+        self.id = ""
+        self.tunnel: TunnelClient | None = None
+
+    async def create(self) -> None:
+        client = self.client
+        status, created = await client.call(
+            "POST", f"/v1/sessions/{client.session}/intercepts", self.spec
+        )
+        if status != 201:
+            raise UsageError(created["error"] if created else f"create: {status}")
+        self.id = created["id"]
+        _, info = await client.call("GET", "/v1/info")
+        host = urlsplit(client.manager).hostname or "127.0.0.1"
+        self.tunnel = TunnelClient(
+            host, info["tunnelPort"], client.session, self.id, "127.0.0.1", self.local_port
+        )
+        self.tunnel.start()
+
+    async def keep(self) -> None:
+        """Heartbeat; when the manager no longer knows us, arrive and intercept again."""
+        client = self.client
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            try:
+                status, _ = await client.call("POST", f"/v1/sessions/{client.session}/remain")
+                if status != 404:
+                    continue
+                print("the traffic-manager restarted: intercepting again", flush=True)
+                if self.tunnel is not None:
+                    await self.tunnel.close()
+                await client.arrive()
+                await self.create()
+                print(f"  intercept {self.id} created again", flush=True)
+            except (aiohttp.ClientError, OSError) as exc:
+                print(f"  traffic-manager unreachable ({exc}); retrying", flush=True)
+            except UsageError as exc:
+                print(f"  cannot intercept again: {exc}", flush=True)
+
+    async def leave(self) -> None:
+        if self.tunnel is not None:
+            await self.tunnel.close()
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            await self.client.call(
+                "DELETE", f"/v1/sessions/{self.client.session}/intercepts/{self.spec['name']}"
+            )
+        print(f"left intercept {self.id}", flush=True)
 
 
 async def _until_active(client: InterceptSession, icept: str, wait: float) -> dict[str, Any]:
