@@ -163,11 +163,17 @@ async def _reaches(port: int, header: str | None, want: bytes, within: float) ->
     async with asyncio.timeout(within):
         while True:
             headers = (header,) if header else ()
-            reader, writer = await send_raw(port, get("/probe", *headers))
+            try:
+                reader, writer = await send_raw(port, get("/probe", *headers))
+            except OSError:  # not listening yet (the agent is starting)
+                await asyncio.sleep(0.2)
+                continue
             try:
                 (response,) = await read_responses(reader, 1, timeout=5)
                 if response.body.startswith(want):
                     return
+            except (OSError, AssertionError):
+                pass  # closed mid-way (a route change, say): try again
             finally:
                 writer.close()
             await asyncio.sleep(0.2)

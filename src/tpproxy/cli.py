@@ -63,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Like `run`, reading the sidecar's config (default "
         "/etc/traffic-agent/config.yaml), plus a session with the traffic-manager.",
     )
-    agent.add_argument("--manager-url", help="default: http://<managerHost>:<managerPort>")
+    agent.add_argument(
+        "--manager-url",
+        help="default: $TPPROXY_MANAGER_URL, else http://<managerHost>:<managerPort>",
+    )
     run = sub.add_parser(
         "run",
         help="forward every agent port of a config to its app port",
@@ -139,7 +142,8 @@ async def _agent(settings: ProxySettings, manager_url: str | None) -> int:
 
     proxy = Proxy(settings)
     try:
-        return await run_agent(proxy, manager_url, os.environ)
+        url = manager_url or os.environ.get("TPPROXY_MANAGER_URL") or None
+        return await run_agent(proxy, url, os.environ)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, str(exc))
     except ListenError as exc:
