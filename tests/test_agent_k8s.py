@@ -394,3 +394,46 @@ def test_a_vanished_client_loses_its_intercepts_and_traffic_returns_to_the_app(
 
 async def _routed(agent: Agent, count: int) -> bool:
     return len(agent.applied) == count
+
+
+def test_agent_reloads_its_config_when_the_file_changes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        app = await Upstream("app").start()
+        first, second = free_port(), free_port()
+        config = tmp_path / "config.yaml"
+        config.write_text(CONFIG.format(ns="default", app=app.port, agent=first))
+        settings = load_settings(
+            {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
+        )
+        proxy = Proxy(settings)
+        sidecar, routes = load(settings)
+        assert sidecar is not None
+        await proxy.start(routes)
+        agent = Agent(proxy, sidecar, routes, "http://127.0.0.1:1", "p", "10.0.0.1", {})
+        task = asyncio.create_task(agent.watch_config(str(config), every=0.05))
+        await asyncio.sleep(0)  # let the watcher take the file's first stamp
+        try:
+            broken = tmp_path / "broken.yaml"
+            broken.write_text("containers: [oops")
+            broken.replace(config)  # an atomic swap, as kubelet does
+            async with asyncio.timeout(5):
+                while agent.reload_errors == 0:
+                    await asyncio.sleep(0.05)
+            assert proxy.engine.ports == [first]
+            fresh = tmp_path / "fresh.yaml"
+            fresh.write_text(CONFIG.format(ns="default", app=app.port, agent=second))
+            fresh.replace(config)
+            async with asyncio.timeout(5):
+                while proxy.engine.ports != [second]:
+                    await asyncio.sleep(0.05)
+            assert agent.reloads == 1
+            reader, writer = await send_raw(second, get("/new"))
+            (response,) = await read_responses(reader, 1)
+            assert response.body == b"app GET /new"
+            writer.close()
+        finally:
+            task.cancel()
+            await proxy.engine.close()
+            app.close()
+
+    run(scenario())

@@ -39,6 +39,15 @@ HEARTBEAT = 5.0
 MAX_BACKOFF = 10.0
 
 
+def _stamp(path: str) -> tuple[float, int] | None:
+    """What changes when the file is replaced: modification time and inode (None if missing)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime, stat.st_ino
+
+
 class SessionLost(Exception):
     """The manager no longer knows this agent's session (it restarted, or expired it)."""
 
@@ -109,6 +118,9 @@ class Agent:
         self.tunnel_port = 0
         self.connected = asyncio.Event()
         self.applied: list[str] = []  # intercept ids currently routed
+        self.intercepts: list[Intercept] = []  # the manager's last word, re-applied on reload
+        self.reloads = 0
+        self.reload_errors = 0
 
     async def run(self) -> None:
         """Arrive, serve the session, and after any failure arrive again (1 s, 2 s, ... 10 s)."""
@@ -181,6 +193,7 @@ class Agent:
         """Route what the manager asks for; review each intercept that waits for us."""
         if self.proxy.engine.draining:
             return  # shutting down: the table stays as it is while connections finish
+        self.intercepts = intercepts
         tunnel = bool(self.tunnel_port and sid)
         specs = intercept_specs(intercepts, tunnel)
         connectors = {s.target: self._tunnel(s.id) for s in specs} if tunnel else None
@@ -219,6 +232,29 @@ class Agent:
                     ),
                 )
 
+    async def watch_config(self, path: str, every: float = 2.0) -> None:
+        """Reload when the mounted config changes (kubelet swaps ConfigMap volumes atomically):
+        new ports and app ports apply at once; a broken file is logged and the old one kept."""
+        stamp = _stamp(path)
+        while True:
+            await asyncio.sleep(every)
+            now = _stamp(path)
+            if now == stamp:
+                continue
+            stamp = now
+            try:
+                sidecar, base = load(self.proxy.settings)
+            except ConfigError as exc:
+                log.error("config changed but cannot be used, keeping the previous one: %s", exc)
+                self.reload_errors += 1
+                continue
+            if sidecar is not None:
+                self.sidecar = sidecar
+            self.base = base
+            self.reloads += 1
+            log.info("config reloaded: listening on %s", sorted(base))
+            await self._apply(self.intercepts)
+
     def _tunnel(self, intercept_id: str) -> ConnectorTarget:
         host = urlsplit(self.manager_url).hostname or "127.0.0.1"
         sid = self.session_id or ""
@@ -255,10 +291,15 @@ async def run_agent(proxy: Proxy, manager_url: str | None, environ: Mapping[str,
         environ.get("_TEL_AGENT_POD_IP", ""),
         environ,
     )
-    session = asyncio.create_task(agent.run())
+    tasks = [
+        asyncio.create_task(agent.run()),
+        asyncio.create_task(agent.watch_config(settings.config)),
+    ]
     try:
         return await proxy.run_until_stopped()
     finally:
-        session.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await session
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
