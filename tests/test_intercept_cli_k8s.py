@@ -179,10 +179,9 @@ async def _reaches(port: int, header: str | None, want: bytes, within: float) ->
             await asyncio.sleep(0.2)
 
 
-def test_intercept_survives_a_manager_restart_and_leaves_on_ctrl_c(
+def test_intercept_survives_a_manager_restart_explain_and_leave(
     control_plane: LocalControlPlane, tmp_path: Path
 ) -> None:
-    import signal
 
     async def scenario() -> None:
         app, dev = await Upstream("app").start(), await Upstream("dev").start()
@@ -253,7 +252,36 @@ def test_intercept_survives_a_manager_restart_and_leaves_on_ctrl_c(
                 # The client arrives and intercepts again, the agent arrives again: back to dev.
                 await _reaches(agent_port, "x-dev: alice", b"dev GET", within=45)
 
-                cli.send_signal(signal.SIGINT)
+                explained = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "tpcontrol",
+                    "explain",
+                    "echo",
+                    "-n",
+                    ns,
+                    "-H",
+                    "x-dev: alice",
+                    "--manager",
+                    f"http://127.0.0.1:{manager_port}",
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                out, _ = await explained.communicate()
+                assert explained.returncode == 0
+                assert f":echo-http (127.0.0.1:{dev.port})" in out.decode()  # the client's local port
+                assert "matches" in out.decode()
+
+                # `leave` ends the running intercept as Ctrl-C would.
+                left = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "tpcontrol",
+                    "leave",
+                    "echo-http",
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                out, _ = await left.communicate()
+                assert left.returncode == 0
                 async with asyncio.timeout(20):
                     out, err = await cli.communicate()
                 text = out.decode()

@@ -96,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
         "intercept ends when it does."
     )
 
+    explain = sub.add_parser(
+        "explain", help="which intercept of a workload a request would reach, and why"
+    )
+    explain.add_argument("workload")
+    explain.add_argument("--namespace", "-n", default=_env("namespace", "default"))
+    explain.add_argument("--method", default="GET")
+    explain.add_argument("--path", default="/")
+    explain.add_argument("--header", "-H", action="append", default=[], metavar="NAME: VALUE")
+    explain.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
+
+    leave = sub.add_parser("leave", help="end a running `tpcontrol intercept` by its name")
+    leave.add_argument("name")
+
     listing = sub.add_parser("list", help="list the intercepts the manager knows")
     listing.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
 
@@ -232,6 +245,9 @@ async def _admin(args: argparse.Namespace) -> int:
                             f"{i['disposition']:<12} {i['client']}"
                         )
                 return 0
+            if args.command == "explain":
+                async with http.get(f"{base}/v1/intercepts") as r:
+                    return _explain(args, await r.json())
             if not args.workload and not args.all:
                 return _fail("uninstall: name a WORKLOAD or give --all")
             body = {"namespace": args.namespace, "workload": "" if args.all else args.workload}
@@ -243,6 +259,37 @@ async def _admin(args: argparse.Namespace) -> int:
                 return 0
     except (aiohttp.ClientError, OSError) as exc:
         return _fail(f"cannot reach the traffic-manager at {base}: {exc}")
+
+
+def _explain(args: argparse.Namespace, listed: list[dict[str, object]]) -> int:
+    from tpproxy.agent import intercept_specs
+    from tpproxy.http import explain
+    from tpproxy.routing import PortRoutes
+    from tpproxy.specs import build_routes
+    from tpproxy.targets import Address
+    from tpproxy.wire import Intercept
+
+    mine = [
+        i
+        for i in msgspec.convert(listed, list[Intercept])
+        if i.spec.workload == args.workload and i.spec.namespace == args.namespace
+    ]
+    if not mine:
+        print(f"no intercepts of {args.workload}.{args.namespace}: every request reaches the app")
+        return 0
+    for header in args.header:
+        if ":" not in header:
+            return _fail(f"--header {header!r}: expected 'NAME: VALUE'")
+    lines = "".join(f"{h}\r\n" for h in args.header)
+    head = f"{args.method} {args.path} HTTP/1.1\r\nHost: explain\r\n{lines}\r\n".encode("latin-1")
+    ports = sorted({i.spec.agent_port for i in mine})
+    base = {p: PortRoutes(Address("127.0.0.1", 1), http=True) for p in ports}
+    routes = build_routes(base, intercept_specs(mine), "manager")
+    for port in ports:
+        print(f"agent port {port}:")
+        for line in explain(routes[port], head):
+            print("  " + line.replace("(127.0.0.1:1)", "(the app)"))
+    return 0
 
 
 def _webhook_config(args: argparse.Namespace) -> int:
@@ -299,8 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.run = command
         return uvloop.run(run_intercept(args))
-    if args.command in ("list", "uninstall"):
+    if args.command in ("list", "uninstall", "explain"):
         return uvloop.run(_admin(args))
+    if args.command == "leave":
+        from tpcontrol.intercept import leave
+
+        return leave(args.name)
     if args.command == "webhook-config":
         return _webhook_config(args)
     parser.error(f"unknown command {args.command!r}")

@@ -140,6 +140,8 @@ async def _intercept(
         spec["path"] = msgspec.to_builtins(PathMatch(value=args.http_path_prefix, op="prefix"))
     live = LiveIntercept(client, spec, args.to)
     await live.create()
+    pidfile = _pidfile(spec["name"])
+    await asyncio.to_thread(_write_pid, pidfile)
     heartbeat = asyncio.create_task(live.keep())
     try:
         intercept = await _until_active(client, live.id, args.wait)
@@ -157,6 +159,44 @@ async def _intercept(
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
         await live.leave()
+        pidfile.unlink(missing_ok=True)
+
+
+def _pidfile(name: str) -> Path:
+    """Where a running `intercept` says who it is, so that `tpcontrol leave NAME` can end it."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "tpcontrol"
+    return base / f"{name}.pid"
+
+
+def _write_pid(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(os.getpid()))
+
+
+def leave(name: str, within: float = 20.0) -> int:
+    """Ask the `intercept` process holding `name` to leave (as Ctrl-C would) and wait for it."""
+    import time
+
+    path = _pidfile(name)
+    try:
+        pid = int(path.read_text())
+    except (OSError, ValueError):
+        print(f"tpcontrol: error: no running intercept named {name!r}", file=sys.stderr)
+        return 2
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        path.unlink(missing_ok=True)
+        print(f"tpcontrol: error: the intercept {name!r} is no longer running", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and path.exists():
+        time.sleep(0.1)
+    if path.exists():
+        print(f"tpcontrol: error: {name!r} did not leave within {within:.0f} s", file=sys.stderr)
+        return 1
+    print(f"left {name}")
+    return 0
 
 
 class LiveIntercept:
