@@ -268,7 +268,9 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                 )
                 out, _ = await explained.communicate()
                 assert explained.returncode == 0
-                assert f":echo-http (127.0.0.1:{dev.port})" in out.decode()  # the client's local port
+                assert (
+                    f":echo-http (127.0.0.1:{dev.port})" in out.decode()
+                )  # the client's local port
                 assert "matches" in out.decode()
 
                 # `leave` ends the running intercept as Ctrl-C would.
@@ -303,3 +305,36 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                 dev.close()
 
     run(scenario(), timeout=150)
+
+
+def test_port_forward_option(control_plane: LocalControlPlane) -> None:
+    """The manager can be reached through a `kubectl port-forward` the client starts; its output
+    is parsed for the local ports, and a forward that cannot start is one clear line, exit 2."""
+    import subprocess
+
+    from tpcontrol.intercept import forwarded_port
+
+    assert forwarded_port("Forwarding from 127.0.0.1:41234 -> 8081\n") == 41234
+    assert forwarded_port("Forwarding from [::1]:41234 -> 8081\n") is None
+    assert forwarded_port("Handling connection for 41234\n") is None
+
+    def intercept(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tpcontrol", "intercept", "echo", *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    bad = intercept("--port-forward", "nonsense")
+    assert bad.returncode == 2
+    assert "--port-forward 'nonsense': expected NAMESPACE/SERVICE" in bad.stderr
+    missing = intercept(
+        "--port-forward",
+        "ambassador/no-such-manager",
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+    )
+    assert missing.returncode == 2
+    assert "kubectl port-forward to ambassador/no-such-manager did not start" in missing.stderr

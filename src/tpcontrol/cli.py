@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     icept.add_argument("--env-file", help="write the container's environment here")
     icept.add_argument("--wait", type=float, default=120, help="seconds to wait for ACTIVE")
     icept.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
+    icept.add_argument(
+        "--port-forward",
+        default=_env("port-forward"),
+        metavar="NAMESPACE/SERVICE",
+        help="reach the manager through a kubectl port-forward started here",
+    )
+    icept.add_argument("--kubeconfig", default=_env("kubeconfig"))
     icept.epilog = (
         "After `--`, a COMMAND to run with the container's environment; the "
         "intercept ends when it does."
@@ -125,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
         "--image-resolver-url",
         default=_env("image-resolver-url"),
         help='asked once for {"image": ...}: the preferred agent image',
+    )
+    manager.add_argument(
+        "--tunnel-port", type=int, default=int(_env("tunnel-port", "8082") or 8082)
     )
     _generator_options(manager)
 
@@ -218,6 +228,7 @@ async def _run_manager(args: argparse.Namespace) -> int:
         agent_port=args.agent_port,
         api_port=args.api_port,
         agent_log_level=args.agent_log_level,
+        tunnel_port=args.tunnel_port,
     )
     async with api_client(args.kubeconfig) as api:
         manager = Manager(api, settings)

@@ -75,6 +75,51 @@ class InterceptSession:
             await self.call("DELETE", f"/v1/sessions/{self.session}")
 
 
+_FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) ->")
+
+
+def forwarded_port(line: str) -> int | None:
+    """The local port in a `kubectl port-forward` line, e.g. `Forwarding from 127.0.0.1:41234
+    -> 8081`; None for any other line."""
+    match = _FORWARDING.search(line)
+    return int(match[1]) if match else None
+
+
+async def port_forward(
+    target: str, kubeconfig: str | None
+) -> tuple[str, int, asyncio.subprocess.Process]:
+    """Start `kubectl port-forward -n NAMESPACE svc/NAME :8081 :8082`: the manager's URL and the
+    local end of its tunnel port. `target` is `NAMESPACE/SERVICE` (the manager's Service)."""
+    namespace, _, name = target.partition("/")
+    if not namespace or not name:
+        raise UsageError(f"--port-forward {target!r}: expected NAMESPACE/SERVICE")
+    argv = ["kubectl", "port-forward", "-n", namespace, f"svc/{name}", ":8081", ":8082"]
+    if kubeconfig:
+        argv[1:1] = ["--kubeconfig", kubeconfig]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+    except FileNotFoundError:
+        raise UsageError("--port-forward needs kubectl on the PATH") from None
+    assert proc.stdout is not None
+    ports: list[int] = []
+    try:
+        async with asyncio.timeout(20):
+            while line := (await proc.stdout.readline()).decode():
+                port = forwarded_port(line)
+                if port is not None:
+                    ports.append(port)
+                if len(ports) == 2:  # kubectl prints the forwards in the order asked
+                    return f"http://127.0.0.1:{ports[0]}", ports[1], proc
+    except TimeoutError:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()  # it may have ended by itself already
+    await proc.wait()
+    raise UsageError(f"kubectl port-forward to {target} did not start")
+
+
 def _fail(message: str) -> int:
     print(f"tpcontrol: error: {message}", file=sys.stderr)
     return 2
@@ -89,6 +134,24 @@ async def run_intercept(args: Any) -> int:
     mechanism = "http" if (headers or args.http_path_prefix) else args.mechanism
     if args.http_path_prefix and not args.http_path_prefix.startswith("/"):
         return _fail(f"--http-path-prefix {args.http_path_prefix!r}: must start with /")
+    forwarder: asyncio.subprocess.Process | None = None
+    args.tunnel_port = None
+    if args.port_forward:
+        try:
+            args.manager, args.tunnel_port, forwarder = await port_forward(
+                args.port_forward, args.kubeconfig
+            )
+        except UsageError as exc:
+            return _fail(str(exc))
+    try:
+        return await _with_manager(args, mechanism, headers)
+    finally:
+        if forwarder is not None and forwarder.returncode is None:
+            forwarder.terminate()
+            await forwarder.wait()
+
+
+async def _with_manager(args: Any, mechanism: str, headers: list[HeaderMatch]) -> int:
     timeout = aiohttp.ClientTimeout(total=None, connect=5)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         client = InterceptSession(args.manager.rstrip("/"), http)
@@ -138,7 +201,7 @@ async def _intercept(
     }
     if args.http_path_prefix:
         spec["path"] = msgspec.to_builtins(PathMatch(value=args.http_path_prefix, op="prefix"))
-    live = LiveIntercept(client, spec, args.to)
+    live = LiveIntercept(client, spec, args.to, args.tunnel_port)
     await live.create()
     pidfile = _pidfile(spec["name"])
     await asyncio.to_thread(_write_pid, pidfile)
@@ -203,7 +266,14 @@ class LiveIntercept:
     """The intercept and its tunnel, kept alive: after a manager restart (the session is
     unknown there) the client arrives again and creates the intercept again."""
 
-    def __init__(self, client: InterceptSession, spec: dict[str, Any], local_port: int) -> None:
+    def __init__(
+        self,
+        client: InterceptSession,
+        spec: dict[str, Any],
+        local_port: int,
+        tunnel_port: int | None = None,
+    ) -> None:
+        self.tunnel_port = tunnel_port  # the local end of a port-forward, else the manager's
         self.client = client
         self.spec = spec
         self.local_port = local_port
@@ -220,8 +290,9 @@ class LiveIntercept:
         self.id = created["id"]
         _, info = await client.call("GET", "/v1/info")
         host = urlsplit(client.manager).hostname or "127.0.0.1"
+        port = self.tunnel_port or info["tunnelPort"]
         self.tunnel = TunnelClient(
-            host, info["tunnelPort"], client.session, self.id, "127.0.0.1", self.local_port
+            host, port, client.session, self.id, "127.0.0.1", self.local_port
         )
         self.tunnel.start()
 

@@ -63,6 +63,7 @@ class ManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     client_ttl: float = 60.0
     agent_ttl: float = 15.0
     no_agent_timeout: float = 120.0
+    tunnel_port: int = 0  # 0: any free port (tests); the deployment uses 8082
 
 
 # Kubernetes' own rules for the names a request carries: checked before any API call, so a bad
@@ -231,7 +232,7 @@ class Manager:
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         async with asyncio.timeout(30):
             await self.watcher.synced.wait()
-        self.tunnel_port = await self.tunnel.start(host, 0)
+        self.tunnel_port = await self.tunnel.start(host, self.settings.tunnel_port)
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()
