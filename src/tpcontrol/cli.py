@@ -7,9 +7,7 @@ TPCONTROL_AGENT_IMAGE); an option given on the command line wins.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +16,7 @@ import msgspec
 import uvloop
 
 from tpcontrol import __version__
+from tpcontrol.lifecycle import until_signalled
 from tpproxy.logs import setup_logging
 
 EXIT_USAGE = 2
@@ -162,15 +161,6 @@ def _generator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent-log-level", default=_env("agent-log-level", "info"))
 
 
-async def _until_signalled() -> None:
-    """Serve until SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 def _fail(message: str) -> int:
     print(f"tpcontrol: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -210,7 +200,7 @@ async def _run_webhook(args: argparse.Namespace) -> int:
         server = WebhookServer(Injector(api, settings))
         runner, port = await start(server, listen.host, listen.port, ReloadingTls(cert, key))
         print(f"agent injector listening on https://{listen.host}:{port}/traffic-agent", flush=True)
-        await _until_signalled()
+        await until_signalled()
         await runner.cleanup()
     return 0
 
@@ -234,7 +224,7 @@ async def _run_manager(args: argparse.Namespace) -> int:
         manager = Manager(api, settings)
         runner, port = await manager.start(listen.host, listen.port)
         print(f"traffic-manager listening on http://{listen.host}:{port}", flush=True)
-        await _until_signalled()
+        await until_signalled()
         await manager.stop()
         await runner.cleanup()
     return 0

@@ -22,6 +22,7 @@ import aiohttp
 import msgspec
 
 from tpcontrol.client import TunnelClient
+from tpcontrol.lifecycle import until_signalled
 from tpproxy.specs import HeaderMatch, PathMatch
 
 HEARTBEAT = 5.0
@@ -215,7 +216,7 @@ async def _intercept(
             await asyncio.to_thread(Path(args.env_file).write_text, text)
         if args.run:
             return await _run_command(args.run, env)
-        await _until_signalled()
+        await until_signalled()
         return 0
     finally:
         heartbeat.cancel()
@@ -355,11 +356,3 @@ async def _until_active(client: InterceptSession, icept: str, wait: float) -> di
 async def _run_command(command: Sequence[str], env: dict[str, str]) -> int:
     proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, **env})
     return await proc.wait()
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
