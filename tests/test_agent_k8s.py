@@ -15,9 +15,8 @@ from tpcontrol.localcluster import LocalControlPlane
 from tpcontrol.manager import Manager, ManagerSettings
 from tpproxy.agent import Agent, app_environment
 from tpproxy.config import load_sidecar
-from tpproxy.server import Proxy, load
-from tpproxy.settings import load_settings
 
+from .agent_helpers import start_agent
 from .helpers import free_port, run
 from .http_servers import Upstream
 from .k8s_helpers import IMAGE, make_namespace, unique
@@ -55,22 +54,9 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
             manager = Manager(api, ManagerSettings(agent_image=IMAGE))
             runner, _ = await manager.start("127.0.0.1", manager_port)
 
-            settings = load_settings(
-                {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
-            )
-            proxy = Proxy(settings)
-            sidecar, routes = load(settings)
-            assert sidecar is not None
-            await proxy.start(routes)
             environ = {"_TEL_APP_A_GREETING": "hi", "_TEL_APP_B_OTHER": "x", "PATH": "/bin"}
-            agent = Agent(
-                proxy,
-                sidecar,
-                routes,
-                f"http://127.0.0.1:{manager_port}",
-                "echo-1",
-                "10.1.0.5",
-                environ,
+            agent, proxy = await start_agent(
+                config, f"http://127.0.0.1:{manager_port}", "echo-1", "10.1.0.5", environ
             )
             task = asyncio.create_task(agent.run())
             tunnel: TunnelClient | None = None
@@ -196,15 +182,8 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
             )
             manager = Manager(api, ManagerSettings(agent_image=IMAGE))
             runner, manager_port = await manager.start("127.0.0.1", 0)
-            settings = load_settings(
-                {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
-            )
-            proxy = Proxy(settings)
-            sidecar, routes = load(settings)
-            assert sidecar is not None
-            await proxy.start(routes)
-            agent = Agent(
-                proxy, sidecar, routes, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.9", {}
+            agent, proxy = await start_agent(
+                config, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.9", {}
             )
             task = asyncio.create_task(agent.run())
             clients: list[TunnelClient] = []
@@ -338,15 +317,8 @@ def test_a_vanished_client_loses_its_intercepts_and_traffic_returns_to_the_app(
             config.write_text(CONFIG.format(ns=ns, app=app.port, agent=agent_port))
             manager = Manager(api, ManagerSettings(agent_image=IMAGE, client_ttl=1.0))
             runner, manager_port = await manager.start()
-            settings = load_settings(
-                {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
-            )
-            proxy = Proxy(settings)
-            sidecar, routes = load(settings)
-            assert sidecar is not None
-            await proxy.start(routes)
-            agent = Agent(
-                proxy, sidecar, routes, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.2", {}
+            agent, proxy = await start_agent(
+                config, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.2", {}
             )
             task = asyncio.create_task(agent.run())
             try:
@@ -402,14 +374,7 @@ def test_agent_reloads_its_config_when_the_file_changes(tmp_path: Path) -> None:
         first, second = free_port(), free_port()
         config = tmp_path / "config.yaml"
         config.write_text(CONFIG.format(ns="default", app=app.port, agent=first))
-        settings = load_settings(
-            {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
-        )
-        proxy = Proxy(settings)
-        sidecar, routes = load(settings)
-        assert sidecar is not None
-        await proxy.start(routes)
-        agent = Agent(proxy, sidecar, routes, "http://127.0.0.1:1", "p", "10.0.0.1", {})
+        agent, proxy = await start_agent(config, "http://127.0.0.1:1", "p", "10.0.0.1", {})
         task = asyncio.create_task(agent.watch_config(str(config), every=0.05))
         await asyncio.sleep(0)  # let the watcher take the file's first stamp
         try:

@@ -10,11 +10,10 @@ from pathlib import Path
 from tpcontrol.configmap import AgentConfigStore
 from tpcontrol.localcluster import LocalControlPlane
 from tpcontrol.manager import Manager, ManagerSettings
-from tpproxy.agent import Agent
 from tpproxy.config import encode_sidecar
-from tpproxy.server import Proxy, load
-from tpproxy.settings import load_settings
+from tpproxy.server import Proxy
 
+from .agent_helpers import start_agent
 from .helpers import free_port, run
 from .http_servers import Upstream
 from .k8s_helpers import IMAGE, deployment, make_namespace, service, unique
@@ -88,17 +87,8 @@ def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path
                         await asyncio.sleep(0.05)
                 config = tmp_path / "config.yaml"
                 config.write_bytes(encode_sidecar(entry))
-                settings = load_settings(
-                    {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
-                )
-                proxy = Proxy(settings)
-                sidecar, routes = load(settings)
-                assert sidecar is not None
-                await proxy.start(routes)
-                agent = Agent(
-                    proxy,
-                    sidecar,
-                    routes,
+                agent, proxy = await start_agent(
+                    config,
                     f"http://127.0.0.1:{manager_port}",
                     "echo-1",
                     "10.0.0.7",
@@ -230,15 +220,8 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                         await asyncio.sleep(0.05)
                 config = tmp_path / "config.yaml"
                 config.write_bytes(encode_sidecar(entry))
-                agent_settings = load_settings(
-                    {"config": str(config), "listen_host": "127.0.0.1", "admin": "off"}, {}
-                )
-                proxy = Proxy(agent_settings)
-                sidecar, routes = load(agent_settings)
-                assert sidecar is not None
-                await proxy.start(routes)
-                agent = Agent(
-                    proxy, sidecar, routes, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.3", {}
+                agent, proxy = await start_agent(
+                    config, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.3", {}
                 )
                 agent_task = asyncio.create_task(agent.run())
                 await _reaches(agent_port, "x-dev: alice", b"dev GET", within=30)
