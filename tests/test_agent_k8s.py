@@ -22,6 +22,8 @@ from .http_servers import Upstream
 from .k8s_helpers import IMAGE, make_namespace, unique
 from .test_http import get, read_responses, send_raw
 
+Json = dict[str, Any]
+
 CONFIG = """\
 agentName: echo
 namespace: {ns}
@@ -33,6 +35,30 @@ containers:
   intercepts:
   - {{serviceName: echo, servicePortName: http, containerPort: {app}, servicePort: 80, agentPort: {agent}}}
 """
+
+
+async def arrive(http: aiohttp.ClientSession, base: str, name: str) -> str:
+    """A client session at the manager at `base`."""
+    async with http.post(f"{base}/v1/clients", json={"name": name, "version": "1"}) as r:
+        assert r.status == 201
+        sid: str = (await r.json())["sessionId"]
+        return sid
+
+
+def web_intercept(name: str, ns: str, app_port: int, agent_port: int, target_port: int) -> Json:
+    """An HTTP intercept of the echo service port `http`, for requests with `x-dev: alice`."""
+    return {
+        "name": name,
+        "workload": "echo",
+        "namespace": ns,
+        "mechanism": "http",
+        "serviceName": "echo",
+        "servicePortIdentifier": "http",
+        "containerPort": app_port,
+        "agentPort": agent_port,
+        "targetPort": target_port,
+        "headers": [{"name": "x-dev", "value": "alice"}],
+    }
 
 
 async def wait_for(predicate: Any, within: float = 10) -> None:
@@ -65,22 +91,8 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
                     await agent.connected.wait()
                 async with aiohttp.ClientSession() as http:
                     base = f"http://127.0.0.1:{manager_port}"
-                    async with http.post(
-                        f"{base}/v1/clients", json={"name": "dev", "version": "1"}
-                    ) as r:
-                        client = (await r.json())["sessionId"]
-                    spec = {
-                        "name": "echo-http",
-                        "workload": "echo",
-                        "namespace": ns,
-                        "mechanism": "http",
-                        "serviceName": "echo",
-                        "servicePortIdentifier": "http",
-                        "containerPort": app.port,
-                        "agentPort": agent_port,
-                        "targetPort": alice.port,
-                        "headers": [{"name": "x-dev", "value": "alice"}],
-                    }
+                    client = await arrive(http, base, "dev")
+                    spec = web_intercept("echo-http", ns, app.port, agent_port, alice.port)
                     async with http.post(f"{base}/v1/sessions/{client}/intercepts", json=spec) as r:
                         assert r.status == 201, await r.text()
                         icept = (await r.json())["id"]
@@ -193,10 +205,7 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
                 assert agent.tunnel_port == manager.tunnel_port
                 base = f"http://127.0.0.1:{manager_port}"
                 async with aiohttp.ClientSession() as http:
-                    async with http.post(
-                        f"{base}/v1/clients", json={"name": "dev", "version": "1"}
-                    ) as r:
-                        sid = (await r.json())["sessionId"]
+                    sid = await arrive(http, base, "dev")
                     common = {
                         "workload": "echo",
                         "namespace": ns,
@@ -237,10 +246,7 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
 
                     await wait_for(all_active)
                     # A second developer shares the HTTP port with other rules.
-                    async with http.post(
-                        f"{base}/v1/clients", json={"name": "bob", "version": "1"}
-                    ) as r:
-                        bob_sid = (await r.json())["sessionId"]
+                    bob_sid = await arrive(http, base, "bob")
                     bob_spec = {
                         **specs[0],
                         "name": "web",
@@ -326,22 +332,8 @@ def test_a_vanished_client_loses_its_intercepts_and_traffic_returns_to_the_app(
                     await agent.connected.wait()
                 base = f"http://127.0.0.1:{manager_port}"
                 async with aiohttp.ClientSession() as http:
-                    async with http.post(
-                        f"{base}/v1/clients", json={"name": "gone", "version": "1"}
-                    ) as r:
-                        sid = (await r.json())["sessionId"]
-                    spec = {
-                        "name": "web",
-                        "workload": "echo",
-                        "namespace": ns,
-                        "mechanism": "http",
-                        "serviceName": "echo",
-                        "servicePortIdentifier": "http",
-                        "containerPort": app.port,
-                        "agentPort": agent_port,
-                        "targetPort": alice.port,
-                        "headers": [{"name": "x-dev", "value": "alice"}],
-                    }
+                    sid = await arrive(http, base, "gone")
+                    spec = web_intercept("web", ns, app.port, agent_port, alice.port)
                     async with http.post(f"{base}/v1/sessions/{sid}/intercepts", json=spec) as r:
                         assert r.status == 201
                 await wait_for(lambda: _routed(agent, 1))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from pathlib import Path
 
 from tpcontrol.localcluster import LocalControlPlane
@@ -24,7 +23,7 @@ from .k8s_helpers import (
     wait_for_pods,
 )
 from .pod_runner import run_agent_container
-from .test_intercept_cli_k8s import _reaches
+from .test_intercept_cli_k8s import _reaches, tpcontrol
 from .test_manager_k8s import recreate
 from .test_webhook_k8s import create, injected
 
@@ -52,10 +51,7 @@ def test_intercept_through_the_injected_agent(
                     service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]),
                     recreate(deployment("echo", [container])),
                 )
-                cli = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "tpcontrol",
+                cli = await tpcontrol(
                     "intercept",
                     "echo",
                     "-n",
@@ -66,8 +62,6 @@ def test_intercept_through_the_injected_agent(
                     "x-dev=alice",
                     "--manager",
                     f"http://127.0.0.1:{manager_port}",
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
                 )
                 agent: asyncio.subprocess.Process | None = None
                 try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 from tpcontrol.configmap import AgentConfigStore
@@ -19,6 +20,19 @@ from .http_servers import Upstream
 from .k8s_helpers import IMAGE, deployment, make_namespace, service, unique
 from .test_http import get, read_responses, send_raw
 from .test_webhook_k8s import create
+
+
+def tpcontrol(*args: str) -> Awaitable[asyncio.subprocess.Process]:
+    """`python -m tpcontrol ARGS` with its output captured."""
+    return asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tpcontrol",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
 
 PROBE = """
 import os, sys, urllib.request
@@ -52,10 +66,7 @@ def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path
             agent_task: asyncio.Task[None] | None = None
             try:
                 env_file = tmp_path / "echo.env"
-                cli = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "tpcontrol",
+                cli = await tpcontrol(
                     "intercept",
                     "echo",
                     "-n",
@@ -76,8 +87,6 @@ def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path
                     sys.executable,
                     "-c",
                     PROBE.format(port=agent_port),
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
                 )
                 # The pod's part: once prepare has stored the entry, run the agent from it, as the
                 # webhook's injected container would.
@@ -116,10 +125,7 @@ def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path
                 writer.close()
 
                 # A wrong port is one clear line and exit code 2, and nothing is created.
-                bad = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "tpcontrol",
+                bad = await tpcontrol(
                     "intercept",
                     "echo",
                     "-n",
@@ -128,8 +134,6 @@ def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path
                     "nope",
                     "--manager",
                     f"http://127.0.0.1:{manager_port}",
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
                 )
                 _, err = await bad.communicate()
                 assert bad.returncode == 2
@@ -194,10 +198,7 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
             runner, _ = await manager.start("127.0.0.1", manager_port)
             proxy: Proxy | None = None
             agent_task: asyncio.Task[None] | None = None
-            cli = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "tpcontrol",
+            cli = await tpcontrol(
                 "intercept",
                 "echo",
                 "-n",
@@ -210,8 +211,6 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                 "x-dev=alice",
                 "--manager",
                 f"http://127.0.0.1:{manager_port}",
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
             )
             try:
                 store = AgentConfigStore(api)
@@ -235,10 +234,7 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                 # The client arrives and intercepts again, the agent arrives again: back to dev.
                 await _reaches(agent_port, "x-dev: alice", b"dev GET", within=45)
 
-                explained = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "tpcontrol",
+                explained = await tpcontrol(
                     "explain",
                     "echo",
                     "-n",
@@ -247,7 +243,6 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                     "x-dev: alice",
                     "--manager",
                     f"http://127.0.0.1:{manager_port}",
-                    stdout=asyncio.subprocess.PIPE,
                 )
                 out, _ = await explained.communicate()
                 assert explained.returncode == 0
@@ -257,14 +252,7 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                 assert "matches" in out.decode()
 
                 # `leave` ends the running intercept as Ctrl-C would.
-                left = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "tpcontrol",
-                    "leave",
-                    "echo-http",
-                    stdout=asyncio.subprocess.PIPE,
-                )
+                left = await tpcontrol("leave", "echo-http")
                 out, _ = await left.communicate()
                 assert left.returncode == 0
                 async with asyncio.timeout(20):
