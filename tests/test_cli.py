@@ -434,6 +434,7 @@ def test_agent_command_forwards_to_the_app_while_the_manager_is_unreachable(tmp_
             "off",
             "--drain-timeout",
             "1",
+            env={"TPPROXY_READY_FILE": str(tmp_path / "ready")},
         )
         try:
             await asyncio.to_thread(wait_for_port, agent, proc)

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -274,8 +274,17 @@ class Agent:
                 log.warning("review of %s refused: %s %s", icept, r.status, await r.text())
 
 
-async def run_agent(proxy: Proxy, manager_url: str | None, environ: Mapping[str, str]) -> int:
-    """Start the engine from the config, then keep a manager session until SIGTERM drains."""
+async def run_agent(
+    proxy: Proxy,
+    manager_url: str | None,
+    environ: Mapping[str, str],
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Start the engine from the config, then keep a manager session until SIGTERM drains.
+
+    `on_ready` is called once every listener is bound and serving (the CLI writes the file the
+    readiness probe looks for).
+    """
     settings = proxy.settings
     sidecar, routes = load(settings)
     if sidecar is None:
@@ -296,6 +305,8 @@ async def run_agent(proxy: Proxy, manager_url: str | None, environ: Mapping[str,
         asyncio.create_task(agent.watch_config(settings.config)),
     ]
     try:
+        if on_ready is not None:
+            on_ready()
         return await proxy.run_until_stopped()
     finally:
         for task in tasks:

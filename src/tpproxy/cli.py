@@ -1,6 +1,8 @@
-"""`tpproxy`: run the forwarding engine, or check an agent config file.
+"""`tpproxy`: run the forwarding engine or the traffic-agent, install its iptables rules
+(`agent-init`), or check an agent config file.
 
-Exit codes: 0 stopped cleanly, 1 a port could not be bound, 2 bad settings or config.
+Exit codes: 0 stopped cleanly, 1 a port could not be bound (or, for `agent-init`, an iptables
+command failed), 2 bad settings or config.
 """
 
 from __future__ import annotations
@@ -10,18 +12,23 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 
 from tpproxy import __version__
 from tpproxy.config import ConfigError, listeners, load_sidecar
 from tpproxy.engine import ListenError
-from tpproxy.logs import setup_logging
+from tpproxy.logs import LEVELS, setup_logging
 from tpproxy.server import Proxy, load
 from tpproxy.settings import ProxySettings, load_settings
 
 EXIT_LISTEN = 1
+EXIT_IPTABLES = 1
 EXIT_CONFIG = 2
+DEFAULT_CONFIG = "/etc/traffic-agent/config.yaml"
+# The agent container's readiness probe is `/bin/stat` of this file (tpcontrol.podpatch READY_FILE).
+DEFAULT_READY_FILE = "/tmp/agent/ready"
 
 log = logging.getLogger("tpproxy")
 
@@ -75,6 +82,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     for command in (run, agent):
         _engine_flags(command)
+    init = sub.add_parser(
+        "agent-init",
+        help="the tel-agent-init init container: redirect intercepted ports to the agent "
+        "with iptables (needs NET_ADMIN)",
+        description="Install the iptables nat rules that send each intercepted container port "
+        "to its agent port (Telepresence 2.6 tel-agent-init). Does nothing when no intercept "
+        "has a numeric target port or a headless service. Safe to run again.",
+    )
+    init.add_argument(
+        "--config", "-c", help=f"agent config (default: $TPPROXY_CONFIG, else {DEFAULT_CONFIG})"
+    )
+    init.add_argument("--iptables", default="iptables", help="iptables binary (default: iptables)")
+    init.add_argument("--dry-run", action="store_true", help="print the rules, change nothing")
+    init.add_argument("--log-level", choices=LEVELS, default="info")
+    init.add_argument("--log-format", choices=["plain", "json"], default="plain")
     check = sub.add_parser("check-config", help="validate an agent config file and list its ports")
     check.add_argument("path")
 
@@ -137,17 +159,82 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_init(args: argparse.Namespace) -> int:
+    from tpproxy.agentinit import IptablesError, apply_rules, loopback_interface, plan_rules
+
+    setup_logging(args.log_level, args.log_format)
+    path = args.config or os.environ.get("TPPROXY_CONFIG") or DEFAULT_CONFIG
+    try:
+        sidecar = load_sidecar(path)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    rules = plan_rules(sidecar, os.getuid(), loopback_interface())
+    if not rules:
+        log.info(
+            "%s: no intercept has a numeric target port or a headless service; "
+            "no iptables rules needed",
+            path,
+        )
+        return 0
+    for listener in listeners(sidecar):
+        if listener.protocol == "UDP":
+            log.warning(
+                "UDP port %d is redirected to agent port %d, which tpproxy does not serve yet: "
+                "that UDP traffic will not reach the app",
+                listener.container_port,
+                listener.agent_port,
+            )
+    if args.dry_run:
+        for rule in rules:
+            print(rule)
+        return 0
+    try:
+        apply_rules(rules, args.iptables)
+    except IptablesError as exc:
+        return _fail(EXIT_IPTABLES, str(exc))
+    log.info("iptables rules in place (%d steps)", len(rules))
+    return 0
+
+
+class _ReadyFile:
+    """The file the agent container's exec readiness probe stats: there while serving."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.written = False
+
+    def write(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.warning("cannot write the ready file %s (%s); serving anyway", self.path, exc)
+        else:
+            self.written = True
+
+    def remove(self) -> None:
+        if self.written:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove the ready file %s: %s", self.path, exc)
+            self.written = False
+
+
 async def _agent(settings: ProxySettings, manager_url: str | None) -> int:
     from tpproxy.agent import run_agent
 
     proxy = Proxy(settings)
+    ready = _ReadyFile(os.environ.get("TPPROXY_READY_FILE") or DEFAULT_READY_FILE)
     try:
         url = manager_url or os.environ.get("TPPROXY_MANAGER_URL") or None
-        return await run_agent(proxy, url, os.environ)
+        return await run_agent(proxy, url, os.environ, on_ready=ready.write)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, str(exc))
     except ListenError as exc:
         return _fail(EXIT_LISTEN, str(exc))
+    finally:
+        ready.remove()
 
 
 async def _serve(settings: ProxySettings) -> int:
@@ -170,9 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.path)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "agent-init":
+        return _agent_init(args)
     flags = vars(args)
     if args.command == "agent" and not flags.get("config") and not os.environ.get("TPPROXY_CONFIG"):
-        flags["config"] = "/etc/traffic-agent/config.yaml"
+        flags["config"] = DEFAULT_CONFIG
     try:
         settings = load_settings(flags)
     except ConfigError as exc:
