@@ -1,0 +1,232 @@
+"""The node's network, made of namespaces the runner creates and nothing else.
+
+One *node* namespace holds a bridge (the node's address is the bridge's) and the Services' cluster
+IPs; each pod gets a namespace of its own joined to the bridge by a veth pair whose two ends are
+created directly inside the node and pod namespaces. So no interface, address or route is ever
+added to the namespace the runner was started in, and deleting the runner's namespaces removes
+everything it made. Sockets are opened *inside* a namespace by a short-lived thread that joins it
+(`setns` is per thread), which is how the runner, the tests and the demo reach cluster IPs and
+pod IPs from the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/run/netns")
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetworkError(RuntimeError):
+    """An `ip` command failed; the message has the command and what it printed."""
+
+
+def ip(*args: str) -> None:
+    """Run one iproute2 command; raise `NetworkError` naming it when it fails."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise NetworkError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
+
+
+def setns(fd: int) -> None:
+    """Move the calling thread into the network namespace open at `fd`."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def inside(namespace: str, work: Callable[[], T]) -> T:
+    """Run `work` on a thread that has joined `namespace`; sockets it makes stay in there."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def thread() -> None:
+        try:
+            with open(NETNS_DIR / namespace) as target:
+                setns(target.fileno())
+            result.append(work())  # the thread ends here: it never goes back to the host
+        except BaseException as exc:  # handed to the caller below
+            failure.append(exc)
+
+    worker = threading.Thread(target=thread, name=f"netns-{namespace}")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def socket_in(namespace: str, *, nonblocking: bool = True) -> socket.socket:
+    """A TCP socket that lives in `namespace`."""
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(not nonblocking)
+        return sock
+
+    return inside(namespace, make)
+
+
+def listen_in(namespace: str, host: str, port: int, backlog: int = 512) -> socket.socket:
+    """A listening TCP socket bound to `host:port` inside `namespace`."""
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return inside(namespace, make)
+
+
+async def connect_in(namespace: str, host: str, port: int, within: float = 5.0) -> socket.socket:
+    """A connected, non-blocking socket to `host:port` as seen from inside `namespace`."""
+    sock = socket_in(namespace)
+    try:
+        async with asyncio.timeout(within):
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_connection_in(
+    namespace: str, host: str, port: int, within: float = 5.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """`asyncio.open_connection`, from inside `namespace`."""
+    sock = await connect_in(namespace, host, port, within)
+    return await asyncio.open_connection(sock=sock)
+
+
+def namespaces() -> list[str]:
+    """The named network namespaces that exist now."""
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir())
+
+
+@dataclass
+class NodeNetwork:
+    """The node namespace, its bridge and the pod namespaces attached to it.
+
+    `prefix` names every namespace this network makes (`<prefix>` for the node, `<prefix>-p<n>`
+    for pods), so what a runner owns can be told apart from anything else on the machine.
+    """
+
+    prefix: str
+    subnet: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network("10.244.0.0/16")
+    )
+    node_ns: str = field(init=False)
+    node_ip: str = field(init=False)
+    _hosts: ipaddress.IPv4Network = field(init=False)
+    _free: list[ipaddress.IPv4Address] = field(init=False, default_factory=list)
+    _next: int = field(init=False, default=2)
+    _pods: dict[str, str] = field(init=False, default_factory=dict)  # namespace -> pod IP
+    _cluster_ips: set[str] = field(init=False, default_factory=set)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _counter: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.node_ns = self.prefix
+        self.node_ip = str(self.subnet.network_address + 1)
+
+    def create(self) -> None:
+        """Make the node namespace with its bridge; the bridge has the node's address."""
+        ip("netns", "add", self.node_ns)
+        try:
+            ns = self.node_ns
+            ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "add", "br0", "type", "bridge")
+            ip("-n", ns, "addr", "add", f"{self.node_ip}/{self.subnet.prefixlen}", "dev", "br0")
+            ip("-n", ns, "link", "set", "br0", "up")
+        except BaseException:
+            self.destroy()
+            raise
+
+    def add_pod(self) -> tuple[str, str]:
+        """A new pod namespace joined to the bridge: returns (namespace name, pod IP)."""
+        with self._lock:
+            self._counter += 1
+            number = self._counter
+            if self._free:
+                address = self._free.pop(0)
+            else:
+                address = self.subnet.network_address + self._next
+                self._next += 1
+                if address >= self.subnet.broadcast_address:
+                    raise NetworkError(f"no pod address left in {self.subnet}")
+        pod_ns, veth = f"{self.prefix}-p{number}", f"vp{number}"
+        ip("netns", "add", pod_ns)
+        try:
+            ip("-n", self.node_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+               "netns", pod_ns)  # fmt: skip
+            ip("-n", self.node_ns, "link", "set", veth, "master", "br0", "up")
+            ip("-n", pod_ns, "link", "set", "lo", "up")
+            ip("-n", pod_ns, "addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", "eth0")
+            ip("-n", pod_ns, "link", "set", "eth0", "up")
+            ip("-n", pod_ns, "route", "add", "default", "via", self.node_ip)
+        except BaseException:
+            self._delete_ns(pod_ns)
+            with self._lock:
+                self._free.append(address)
+            raise
+        self._pods[pod_ns] = str(address)
+        return pod_ns, str(address)
+
+    def remove_pod(self, pod_ns: str) -> None:
+        """Delete a pod namespace (its veth goes with it) and free its address."""
+        address = self._pods.pop(pod_ns, None)
+        self._delete_ns(pod_ns)
+        if address is not None:
+            with self._lock:
+                self._free.append(ipaddress.IPv4Address(address))
+
+    def add_cluster_ip(self, address: str) -> None:
+        """Make a Service's cluster IP an address of the node (on the node namespace's lo)."""
+        if address not in self._cluster_ips:
+            ip("-n", self.node_ns, "addr", "add", f"{address}/32", "dev", "lo")
+            self._cluster_ips.add(address)
+
+    def remove_cluster_ip(self, address: str) -> None:
+        if address in self._cluster_ips:
+            self._cluster_ips.discard(address)
+            with contextlib.suppress(NetworkError):  # already gone with the namespace
+                ip("-n", self.node_ns, "addr", "del", f"{address}/32", "dev", "lo")
+
+    def owned(self) -> list[str]:
+        """The namespaces of this network that exist now."""
+        return [n for n in namespaces() if n == self.prefix or n.startswith(self.prefix + "-")]
+
+    def destroy(self) -> None:
+        """Delete every namespace this network made (pods first, then the node)."""
+        for name in sorted(self.owned(), key=lambda n: n == self.node_ns):
+            self._delete_ns(name)
+        self._pods.clear()
+        self._cluster_ips.clear()
+
+    @staticmethod
+    def _delete_ns(name: str) -> None:
+        if (NETNS_DIR / name).exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)

@@ -1,0 +1,242 @@
+"""What the kubelet works out from a pod spec before it starts anything, as plain functions.
+
+Images become local commands through an `ImageMap` (the node has no container runtime), and
+everything else follows the Kubernetes rules: `command` replaces the image's entrypoint, `args`
+its default arguments, `$(VAR)` expands from the container's env, `envFrom` comes before `env`,
+fieldRefs read the pod, and ConfigMap, Secret, downward-API and emptyDir volumes become files.
+No I/O here: the runner fetches the ConfigMaps and Secrets and writes what these return.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Json = dict[str, Any]
+Data = Mapping[str, Mapping[str, str]]  # ConfigMap or Secret name -> key -> value
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+AGENT_REPOSITORY = "docker.io/tpproxy/agent"
+
+
+class PodSpecError(ValueError):
+    """The pod cannot run as specified: `reason` is the kubelet's word, the message says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def repository(image: str) -> str:
+    """The image name without tag or digest: `a/b:1` and `a/b@sha256:..` are both `a/b`."""
+    name = image.split("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    last = last.split(":", 1)[0]
+    return f"{head}/{last}" if head else last
+
+
+@dataclass(frozen=True)
+class ImageMap:
+    """Image repository -> the command its entrypoint is on this machine."""
+
+    entrypoints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def default(cls, *agent_images: str) -> ImageMap:
+        """The agent image (and any other names given for it) runs `tpproxy`; the example images
+        run the apps in `examples/`."""
+        python = sys.executable
+        entries: dict[str, tuple[str, ...]] = {
+            AGENT_REPOSITORY: (python, "-m", "tpproxy"),
+            "tpcontrol.example/http-echo": (python, str(EXAMPLES / "http_echo.py")),
+            "tpcontrol.example/tcp-echo": (python, str(EXAMPLES / "tcp_echo.py")),
+        }
+        for image in agent_images:
+            entries[repository(image)] = (python, "-m", "tpproxy")
+        return cls(entries)
+
+    def entrypoint(self, image: str) -> tuple[str, ...]:
+        found = self.entrypoints.get(repository(image))
+        if found is None:
+            known = ", ".join(sorted(self.entrypoints)) or "none"
+            raise PodSpecError(
+                "ErrImagePull",
+                f"image {image!r} has no local command on this node (known: {known})",
+            )
+        return found
+
+
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion: unknown references stay as written, `$$` is a `$`."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return _VAR.sub(one, text)
+
+
+def argv(container: Json, images: ImageMap, env: Mapping[str, str]) -> list[str]:
+    """The process to start: `command` replaces the entrypoint, `args` follow either."""
+    command = [expand(w, env) for w in container.get("command") or []]
+    head = command or list(images.entrypoint(container.get("image", "")))
+    return head + [expand(a, env) for a in container.get("args") or []]
+
+
+def field_value(pod: Json, path: str) -> str:
+    """A downward-API `fieldRef.fieldPath` of the pod."""
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
+    simple = {
+        "metadata.name": meta.get("name", ""),
+        "metadata.namespace": meta.get("namespace", ""),
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "status.hostIP": status.get("hostIP", ""),
+        "status.podIP": status.get("podIP", ""),
+        "status.podIPs": ",".join(i.get("ip", "") for i in status.get("podIPs") or []),
+    }
+    if path in simple:
+        return str(simple[path])
+    if path in ("metadata.labels", "metadata.annotations"):
+        return _map_file(meta.get(path.split(".")[1]) or {})
+    keyed = re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path)
+    if keyed:
+        return str((meta.get(keyed.group(1)) or {}).get(keyed.group(2), ""))
+    raise PodSpecError("CreateContainerConfigError", f"fieldRef {path!r} is not supported")
+
+
+def _map_file(values: Mapping[str, str]) -> str:
+    """Labels or annotations as the kubelet writes them: `key="value"` lines, sorted."""
+    return "\n".join(f"{k}={json.dumps(v)}" for k, v in sorted(values.items()))
+
+
+def _keyed(source: Json, kind: str, data: Data) -> str | None:
+    """A configMapKeyRef / secretKeyRef value, None when optional and missing."""
+    name, key = source.get("name", ""), source.get("key", "")
+    values = data.get(name)
+    if values is None or key not in values:
+        if source.get("optional"):
+            return None
+        what = f"{kind} {name!r}" if values is None else f"key {key!r} of {kind} {name!r}"
+        raise PodSpecError("CreateContainerConfigError", f"{what} not found")
+    return values[key]
+
+
+def container_env(
+    pod: Json, container: Json, config_maps: Data, secrets: Data, base: Mapping[str, str]
+) -> dict[str, str]:
+    """The container's environment: `base` (the image's), then envFrom, then env."""
+    env = dict(base)
+    for source in container.get("envFrom") or []:
+        prefix = source.get("prefix", "")
+        for kind, data in (("configMapRef", config_maps), ("secretRef", secrets)):
+            if kind in source:
+                ref = source[kind]
+                values = data.get(ref.get("name", ""))
+                if values is None:
+                    if ref.get("optional"):
+                        continue
+                    raise PodSpecError(
+                        "CreateContainerConfigError", f"{kind[:-3]} {ref.get('name')!r} not found"
+                    )
+                env.update({prefix + k: v for k, v in values.items()})
+    for item in container.get("env") or []:
+        name = item["name"]
+        if "valueFrom" not in item:
+            env[name] = expand(item.get("value", ""), env)
+            continue
+        source = item["valueFrom"]
+        value: str | None
+        if "fieldRef" in source:
+            value = field_value(pod, source["fieldRef"]["fieldPath"])
+        elif "configMapKeyRef" in source:
+            value = _keyed(source["configMapKeyRef"], "configMap", config_maps)
+        elif "secretKeyRef" in source:
+            value = _keyed(source["secretKeyRef"], "secret", secrets)
+        else:
+            value = ""  # resourceFieldRef: this node sets no limits
+        if value is not None:
+            env[name] = value
+    return env
+
+
+def volume_files(pod: Json, volume: Json, config_maps: Data, secrets: Data) -> dict[str, bytes]:
+    """The files a volume holds (relative path -> content); empty for an emptyDir."""
+    if "configMap" in volume:
+        return _projected(volume["configMap"], config_maps, "configMap")
+    if "secret" in volume:
+        source = {**volume["secret"], "name": volume["secret"].get("secretName", "")}
+        return _projected(source, secrets, "secret")
+    if "downwardAPI" in volume:
+        return {
+            item["path"]: field_value(pod, item["fieldRef"]["fieldPath"]).encode()
+            for item in volume["downwardAPI"].get("items") or []
+            if "fieldRef" in item
+        }
+    if "projected" in volume:
+        files: dict[str, bytes] = {}
+        for source in volume["projected"].get("sources") or []:
+            if "configMap" in source:
+                files.update(_projected(source["configMap"], config_maps, "configMap"))
+            elif "secret" in source:
+                files.update(_projected(source["secret"], secrets, "secret"))
+            elif "downwardAPI" in source:
+                files.update(volume_files(pod, source, config_maps, secrets))
+        return files
+    if "emptyDir" in volume:
+        return {}
+    kinds = sorted(k for k in volume if k != "name")
+    raise PodSpecError(
+        "CreateContainerConfigError", f"volume {volume.get('name')!r}: {kinds} is not supported"
+    )
+
+
+def _projected(source: Json, data: Data, kind: str) -> dict[str, bytes]:
+    values = data.get(source.get("name", ""))
+    if values is None:
+        if source.get("optional"):
+            return {}
+        raise PodSpecError("CreateContainerConfigError", f"{kind} {source.get('name')!r} not found")
+    items = source.get("items") or [{"key": k, "path": k} for k in values]
+    files = {}
+    for item in items:
+        if item["key"] not in values:
+            if source.get("optional"):
+                continue
+            raise PodSpecError(
+                "CreateContainerConfigError",
+                f"key {item['key']!r} of {kind} {source.get('name')!r} not found",
+            )
+        files[item["path"]] = values[item["key"]].encode()
+    return files
+
+
+def secret_values(secret: Json) -> dict[str, str]:
+    """A Secret's data, base64-decoded (stringData is merged into data by the API server)."""
+    return {
+        k: base64.b64decode(v).decode(errors="replace")
+        for k, v in (secret.get("data") or {}).items()
+    }
+
+
+def container_port(pod: Json, port: int | str, container: Json | None = None) -> int:
+    """A probe's or a Service's port: a number, or a named port of the container (or pod)."""
+    if isinstance(port, int) or str(port).isdigit():
+        return int(port)
+    candidates = [container] if container is not None else pod["spec"].get("containers", [])
+    for c in candidates:
+        for p in c.get("ports") or []:
+            if p.get("name") == port:
+                return int(p["containerPort"])
+    raise PodSpecError("InvalidPort", f"no container port named {port!r}")

@@ -1,0 +1,349 @@
+"""A node for the local control plane: the scheduler's binding, the kubelet and kube-proxy in one.
+
+It registers a Node, binds every pending pod it may run to it, runs the pods bound to it (see
+`pods.PodWorker`), finishes their graceful deletion, keeps their ConfigMap and Secret volumes and
+/etc/hosts current, and serves the Services' cluster IPs (see `services`). Everything is driven
+by level: watches fill local copies (`watching.Reflector`) and any change triggers one reconcile
+pass over all of them. `stop()` stops the pods and deletes every namespace, mount point and file
+the runner made; nothing it did outlives it except the Node object and the pods' last status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+from kubernetes_asyncio import client as k8s
+
+from tpcontrol.node import podspec
+from tpcontrol.node.netns import NodeNetwork
+from tpcontrol.node.pods import PodWorker
+from tpcontrol.node.services import ServiceProxy, service_backends
+from tpcontrol.node.watching import Json, Key, Reflector
+
+log = logging.getLogger("tpcontrol.node")
+
+
+class NodeSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What kind of node to be. `namespace_labels` limits the pods it takes (empty: all)."""
+
+    node_name: str = "tpcontrol-node"
+    namespace_labels: dict[str, str] = {}
+    subnet: str = "10.244.0.0/16"
+    probe_period: float = 1.0
+    restart_backoff_max: float = 10.0
+    termination_grace_max: float = 10.0
+    agent_images: tuple[str, ...] = ()
+
+
+class NodeRunner:
+    """Use as `async with NodeRunner(api, settings) as node:`."""
+
+    def __init__(self, api: k8s.ApiClient, settings: NodeSettings | None = None) -> None:
+        self.api = api
+        self.core = k8s.CoreV1Api(api)
+        self.settings = settings or NodeSettings()
+        self.images = podspec.ImageMap.default(*self.settings.agent_images)
+        self.network = NodeNetwork(
+            f"tpn-{os.urandom(3).hex()}", ipaddress.IPv4Network(self.settings.subnet)
+        )
+        self.work = Path(tempfile.mkdtemp(prefix="tpcontrol-node-", dir=_scratch()))
+        self.workers: dict[Key, PodWorker] = {}
+        self.proxy = ServiceProxy(self.network)
+        self.changed = asyncio.Event()
+        core = self.core
+        self.pods = Reflector("pods", core.list_pod_for_all_namespaces, self.changed)
+        self.services = Reflector("services", core.list_service_for_all_namespaces, self.changed)
+        self.endpoints = Reflector(
+            "endpoints", core.list_endpoints_for_all_namespaces, self.changed
+        )
+        self.config_maps_store = Reflector(
+            "configmaps", core.list_config_map_for_all_namespaces, self.changed
+        )
+        self.secrets_store = Reflector("secrets", core.list_secret_for_all_namespaces, self.changed)
+        self.namespaces = Reflector("namespaces", core.list_namespace, self.changed)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._binding: set[str] = set()
+        self._bind_tasks: set[asyncio.Task[None]] = set()
+        self._deleting: dict[Key, asyncio.Task[None]] = {}
+        self._mountpoints: list[Path] = []
+        self._volume_versions: tuple[str, ...] = ()
+        self._service_ips: dict[Key, str] = {}
+
+    @property
+    def name(self) -> str:
+        return self.settings.node_name
+
+    async def __aenter__(self) -> NodeRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Make the network, register the Node and start reconciling."""
+        try:
+            await asyncio.to_thread(self.network.create)
+            await self._register()
+            reflectors = [
+                self.pods,
+                self.services,
+                self.endpoints,
+                self.config_maps_store,
+                self.secrets_store,
+                self.namespaces,
+            ]
+            self._tasks = [asyncio.create_task(r.run(), name=r.kind) for r in reflectors]
+            async with asyncio.timeout(30):
+                for reflector in reflectors:
+                    await reflector.synced.wait()
+            self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "node %s ready: network namespace %s, node IP %s",
+            self.name,
+            self.network.node_ns,
+            self.network.node_ip,
+        )
+
+    async def stop(self) -> None:
+        """Stop every pod and remove everything made for them."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        workers = list(self.workers.values())
+        self.workers.clear()
+        await asyncio.gather(*(w.terminate(grace=5) for w in workers), return_exceptions=True)
+        for task in self._deleting.values():
+            task.cancel()
+        self.proxy.close()
+        await asyncio.to_thread(self.network.destroy)
+        for path in reversed(self._mountpoints):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+        self._mountpoints.clear()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    # -- what pods read ----------------------------------------------------------------------
+
+    def config_maps(self, namespace: str) -> dict[str, dict[str, str]]:
+        return {
+            name: dict(obj.get("data") or {})
+            for (ns, name), obj in self.config_maps_store.objects.items()
+            if ns == namespace
+        }
+
+    def secrets(self, namespace: str) -> dict[str, dict[str, str]]:
+        return {
+            name: podspec.secret_values(obj)
+            for (ns, name), obj in self.secrets_store.objects.items()
+            if ns == namespace
+        }
+
+    def service_ips(self) -> dict[Key, str]:
+        return dict(self._service_ips)
+
+    def mountpoint(self, target: str, *, directory: bool) -> None:
+        """Make sure a mount path exists on the host (outside /tmp, which pods get fresh)."""
+        path = Path(target)
+        if path.exists() or path.is_relative_to("/tmp"):
+            return
+        missing = [p for p in [path, *path.parents] if not p.exists()]
+        for item in reversed(missing):
+            if item == path and not directory:
+                item.touch()
+            else:
+                item.mkdir()
+            self._mountpoints.append(item)
+
+    async def patch_status(self, namespace: str, name: str, status: Json) -> None:
+        worker = self.workers.get((namespace, name))
+        body = {"metadata": {"uid": worker.uid}} if worker else {}
+        try:
+            await self.core.patch_namespaced_pod_status(
+                name, namespace, cast(Any, {**body, "status": status})
+            )
+        except k8s.ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    # -- reconcile ---------------------------------------------------------------------------
+
+    async def _register(self) -> None:
+        labels = {
+            "kubernetes.io/hostname": self.name,
+            "kubernetes.io/os": "linux",
+            "node.kubernetes.io/tpcontrol": "true",
+        }
+        node = {"metadata": {"name": self.name, "labels": labels}, "spec": {}}
+        try:
+            await self.core.create_node(cast(Any, node))
+        except k8s.ApiException as exc:
+            if exc.status != 409:
+                raise
+        status = {
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                 "message": "tpcontrol node runner is ready"}
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": self.network.node_ip},
+                {"type": "Hostname", "address": self.name},
+            ],
+            "capacity": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+            "allocatable": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+        }  # fmt: skip
+        await self.core.patch_node_status(self.name, cast(Any, {"status": status}))
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            try:
+                await self._reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile failed; trying again on the next change")
+                await asyncio.sleep(0.5)
+                self.changed.set()
+
+    def _may_run(self, pod: Json) -> bool:
+        wanted = self.settings.namespace_labels
+        if wanted:
+            namespace = self.namespaces.objects.get(("", pod["metadata"]["namespace"]), {})
+            labels = namespace.get("metadata", {}).get("labels") or {}
+            if any(labels.get(k) != v for k, v in wanted.items()):
+                return False
+        selector = pod["spec"].get("nodeSelector") or {}
+        mine = {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux"}
+        return all(mine.get(k) == v for k, v in selector.items())
+
+    async def _reconcile(self) -> None:
+        await self._sync_services()
+        ours: dict[Key, Json] = {}
+        for pod_key, pod in list(self.pods.objects.items()):
+            node = pod["spec"].get("nodeName")
+            if not node:
+                uid = pod["metadata"]["uid"]
+                if uid not in self._binding and self._may_run(pod):
+                    self._binding.add(uid)
+                    task = asyncio.create_task(self._bind(pod))
+                    self._bind_tasks.add(task)
+                    task.add_done_callback(self._bind_tasks.discard)
+            elif node == self.name:
+                ours[pod_key] = pod
+        for pod_key, worker in list(self.workers.items()):
+            current = ours.get(pod_key)
+            if current is None or current["metadata"]["uid"] != worker.uid:
+                self._finish(pod_key, worker, None)
+        for pod_key, pod in ours.items():
+            existing = self.workers.get(pod_key)
+            if pod["metadata"].get("deletionTimestamp"):
+                if pod_key not in self._deleting:
+                    self._finish(pod_key, existing, pod)
+            elif existing is None:
+                if pod_key in self._deleting:
+                    continue  # the old pod of this name is still stopping
+                if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    continue
+                self.workers[pod_key] = PodWorker(self, pod)
+            elif existing.pod["metadata"].get("resourceVersion") != pod["metadata"].get(
+                "resourceVersion"
+            ):
+                existing.refresh(pod)
+        versions = tuple(
+            sorted(
+                f"{k}@{o['metadata'].get('resourceVersion')}"
+                for store in (self.config_maps_store, self.secrets_store)
+                for k, o in store.objects.items()
+            )
+        )
+        if versions != self._volume_versions:
+            self._volume_versions = versions
+            for worker in self.workers.values():
+                worker.refresh(worker.pod)
+
+    async def _sync_services(self) -> None:
+        ips = {
+            k: s["spec"]["clusterIP"]
+            for k, s in self.services.objects.items()
+            if s.get("spec", {}).get("clusterIP") not in (None, "", "None")
+        }
+        await self.proxy.sync(
+            service_backends(self.services.objects.values(), self.endpoints.objects)
+        )
+        if ips != self._service_ips:
+            self._service_ips = ips
+            for worker in self.workers.values():
+                if worker.ip:
+                    worker.write_hosts()
+
+    async def _bind(self, pod: Json) -> None:
+        meta = pod["metadata"]
+        binding = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": meta["name"], "uid": meta["uid"]},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": self.name},
+        }
+        try:
+            response = await self.core.create_namespaced_pod_binding(
+                meta["name"], meta["namespace"], cast(Any, binding), _preload_content=False
+            )
+            cast(Any, response).release()
+            log.info("bound pod %s/%s to %s", meta["namespace"], meta["name"], self.name)
+        except k8s.ApiException as exc:
+            if exc.status not in (404, 409):
+                log.warning("cannot bind %s/%s: %s", meta["namespace"], meta["name"], exc.reason)
+        finally:
+            self._binding.discard(meta["uid"])
+
+    def _finish(self, pod_key: Key, worker: PodWorker | None, pod: Json | None) -> None:
+        """Stop a pod's worker; when the API server is waiting for it, confirm the deletion."""
+        if worker is not None and self.workers.get(pod_key) is worker:
+            del self.workers[pod_key]
+
+        async def finish() -> None:
+            try:
+                if worker is not None:
+                    grace = self.settings.termination_grace_max
+                    if pod is not None:
+                        grace = min(
+                            float(pod["metadata"].get("deletionGracePeriodSeconds") or 30), grace
+                        )
+                    await worker.terminate(grace)
+                if pod is not None:
+                    meta = pod["metadata"]
+                    body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
+                    try:
+                        await self.core.delete_namespaced_pod(
+                            meta["name"], meta["namespace"], body=cast(Any, body)
+                        )
+                    except k8s.ApiException as exc:
+                        if exc.status not in (404, 409):
+                            raise
+            finally:
+                self._deleting.pop(pod_key, None)
+                self.changed.set()
+
+        self._deleting[pod_key] = asyncio.create_task(finish())
+
+
+def _scratch() -> str | None:
+    """Pod files live in memory when possible (and never under /tmp, which pods get fresh)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else "/var/tmp"
