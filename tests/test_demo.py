@@ -8,7 +8,7 @@ from tpcontrol.cli import main
 
 
 def test_demo_routes_every_step_as_expected(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--requests", "2"]) == 0
+    assert main(["demo", "--engine-only", "--requests", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS") == 9
     assert "FAIL" not in out

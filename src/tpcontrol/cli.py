@@ -41,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="run a local intercept demo: an app, the engine in front, an intercept on and off",
+        help="the whole intercept flow on a control plane of this machine (needs root): "
+        "a workload, two developers sharing a port by header, a TCP intercept, leave, uninstall",
+    )
+    demo.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="only the forwarding engine on loopback: an app, an intercept on and off (no root)",
     )
     demo.add_argument("--requests", type=int, default=3, help="requests sent per step (1-100)")
 
@@ -124,6 +130,25 @@ def _parser() -> argparse.ArgumentParser:
     uninstall.add_argument("--namespace", "-n", default=_env("namespace", "default"))
     uninstall.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
 
+    node = sub.add_parser(
+        "node",
+        help="run a local node for a test API server: binds pods, runs them as processes in "
+        "network namespaces of their own, serves Services (needs root and iproute2)",
+    )
+    node.add_argument("--kubeconfig", default=_env("kubeconfig"))
+    node.add_argument("--node-name", default=_env("node-name", "tpcontrol-node"))
+    node.add_argument(
+        "--namespace-label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only pods of namespaces with this label (repeatable; default: every namespace)",
+    )
+    node.add_argument("--subnet", default=_env("subnet", "10.244.0.0/16"), help="pod addresses")
+    node.add_argument(
+        "--agent-image", dest="node_agent_images", action="append", default=[],
+        help="another image name that runs `tpproxy` (repeatable)",
+    )  # fmt: skip
     manager = sub.add_parser("manager", help="run the traffic-manager (HTTP API on --listen)")
     manager.add_argument("--listen", default=_env("listen", "0.0.0.0:8081"), metavar="HOST:PORT")
     manager.add_argument("--kubeconfig", default=_env("kubeconfig"))
@@ -334,14 +359,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if not 1 <= args.requests <= 100:
             parser.error("--requests: must be from 1 to 100")
-        from tpcontrol.demo import run_demo
+        if args.engine_only:
+            from tpcontrol.demo import run_demo
 
-        return uvloop.run(run_demo(args.requests))
+            return uvloop.run(run_demo(args.requests))
+        from tpcontrol.clusterdemo import run_cluster_demo
+
+        # The demo tells its own story; component logs show from warnings up unless asked.
+        explicit = "--log-level" in words or os.environ.get("TPCONTROL_LOG_LEVEL")
+        setup_logging(args.log_level if explicit else "warning", args.log_format)
+        return uvloop.run(run_cluster_demo(args.requests))
     setup_logging(args.log_level, args.log_format)
     if args.command == "webhook":
         return uvloop.run(_run_webhook(args))
     if args.command == "manager":
         return uvloop.run(_run_manager(args))
+    if args.command == "node":
+        from tpcontrol.node.main import run_node
+
+        return uvloop.run(run_node(args))
     if args.command == "intercept":
         from tpcontrol.intercept import run_intercept
 

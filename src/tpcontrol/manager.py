@@ -381,7 +381,10 @@ class Manager:
         while not self.stopping:
             line = msgspec.json.encode(snapshot) + b"\n"
             if line != last:
-                await response.write(line)
+                try:
+                    await response.write(line)
+                except ConnectionResetError:  # the watcher went away (a client leaving)
+                    break
                 last = line
             async with self.changed:
                 await self.changed.wait()
