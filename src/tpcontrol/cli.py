@@ -368,7 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The demo tells its own story; component logs show from warnings up unless asked.
         explicit = "--log-level" in words or os.environ.get("TPCONTROL_LOG_LEVEL")
         setup_logging(args.log_level if explicit else "warning", args.log_format)
-        return uvloop.run(run_cluster_demo(args.requests))
+        try:
+            return uvloop.run(run_cluster_demo(args.requests))
+        except KeyboardInterrupt:  # the demo has torn down what it started
+            return 130
     setup_logging(args.log_level, args.log_format)
     if args.command == "webhook":
         return uvloop.run(_run_webhook(args))

@@ -228,15 +228,17 @@ class PodWorker:
 
     async def _start(self, container: Container) -> int | None:
         """Start a container; returns None when it runs, else the exit code of a failed start."""
-        env = podspec.container_env(
+        # $(VAR) sees only what the pod declares; the image's own variables come underneath.
+        declared = podspec.container_env(
             self.pod,
             container.spec,
             self.runner.config_maps(self.namespace),
             self.runner.secrets(self.namespace),
-            {"PATH": IMAGE_PATH, "HOSTNAME": self.name, "HOME": "/root"},
+            {},
         )
+        env = {"PATH": IMAGE_PATH, "HOSTNAME": self.name, "HOME": "/root", **declared}
         try:
-            argv = podspec.argv(container.spec, self.runner.images, env)
+            argv = podspec.argv(container.spec, self.runner.images, declared)
         except podspec.PodSpecError as exc:
             container.state = {"waiting": {"reason": exc.reason, "message": str(exc)}}
             await self.fail(exc.reason, f"container {container.name!r}: {exc}")

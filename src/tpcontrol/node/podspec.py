@@ -10,7 +10,6 @@ No I/O here: the runner fetches the ConfigMaps and Secrets and writes what these
 from __future__ import annotations
 
 import base64
-import json
 import re
 import sys
 from collections.abc import Mapping
@@ -62,7 +61,10 @@ class ImageMap:
         return cls(entries)
 
     def entrypoint(self, image: str) -> tuple[str, ...]:
-        found = self.entrypoints.get(repository(image))
+        """The command for `image`; short Docker Hub names match their full ones, as in a
+        container runtime (`busybox`, `library/busybox`, `docker.io/library/busybox`)."""
+        wanted = _normalized(repository(image))
+        found = next((v for k, v in self.entrypoints.items() if _normalized(k) == wanted), None)
         if found is None:
             known = ", ".join(sorted(self.entrypoints)) or "none"
             raise PodSpecError(
@@ -72,16 +74,35 @@ class ImageMap:
         return found
 
 
-_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+def _normalized(repo: str) -> str:
+    """A repository as the Docker reference library normalizes it: a lowercase first component
+    without `.` or `:` (and not `localhost`) is no registry, so the registry is docker.io, whose
+    single-component names are under `library/`."""
+    first, slash, rest = repo.partition("/")
+    registry = "." in first or ":" in first or first == "localhost" or first != first.lower()
+    if not slash or not registry:
+        first, rest = "docker.io", repo
+    if first == "index.docker.io":
+        first = "docker.io"
+    if first == "docker.io" and "/" not in rest:
+        rest = f"library/{rest}"
+    return f"{first}/{rest}"
+
+
+# As Kubernetes' expansion.Expand reads it: the name is everything up to the first `)` (env var
+# names may be any printable ASCII but `=`), a `$(` without a `)` and a `$` before anything else
+# are plain text.
+_VAR = re.compile(r"\$(?:\$|\(([^)]*)\))")
 
 
 def expand(text: str, env: Mapping[str, str]) -> str:
     """Kubernetes' `$(VAR)` expansion: unknown references stay as written, `$$` is a `$`."""
 
     def one(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
+        name = match.group(1)
+        if name is None:
             return "$"
-        return env.get(match.group(1), match.group(0))
+        return env.get(name, match.group(0))
 
     return _VAR.sub(one, text)
 
@@ -103,6 +124,8 @@ def field_value(pod: Json, path: str) -> str:
         "spec.nodeName": spec.get("nodeName", ""),
         "spec.serviceAccountName": spec.get("serviceAccountName", ""),
         "status.hostIP": status.get("hostIP", ""),
+        "status.hostIPs": ",".join(i.get("ip", "") for i in status.get("hostIPs") or [])
+        or status.get("hostIP", ""),
         "status.podIP": status.get("podIP", ""),
         "status.podIPs": ",".join(i.get("ip", "") for i in status.get("podIPs") or []),
     }
@@ -118,7 +141,32 @@ def field_value(pod: Json, path: str) -> str:
 
 def _map_file(values: Mapping[str, str]) -> str:
     """Labels or annotations as the kubelet writes them: `key="value"` lines, sorted."""
-    return "\n".join(f"{k}={json.dumps(v)}" for k, v in sorted(values.items()))
+    return "\n".join(f"{k}={_go_quote(v)}" for k, v in sorted(values.items()))
+
+
+_GO_ESCAPES = {
+    "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
+    "\\": "\\\\", '"': '\\"',
+}  # fmt: skip
+
+
+def _go_quote(text: str) -> str:
+    """Go's `%q` (strconv.Quote), which the kubelet's FormatMap uses: printable characters stay
+    as they are (non-ASCII too, unlike JSON's escapes), the rest become `\\xHH`/`\\uHHHH`."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[ch])
+        elif ch.isprintable():  # Go's unicode.IsPrint: categories L, M, N, P, S and " "
+            out.append(ch)
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 def _keyed(source: Json, kind: str, data: Data) -> str | None:
