@@ -93,7 +93,7 @@ class PodWorker:
         self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
         self.netns = ""
         self.ip = ""
-        self.dir = runner.work / f"{self.namespace}_{self.name}_{self.uid[:8]}"
+        self.dir = runner.work / self.uid  # names can be longer than a file name may be
         self.phase = "Pending"
         self.reason = ""
         self.message = ""
@@ -291,9 +291,24 @@ class PodWorker:
                 raise podspec.PodSpecError(
                     "CreateContainerConfigError", f"volumeMount {mount['name']!r}: no such volume"
                 )
-            if mount.get("subPath"):
-                source = source / mount["subPath"]
+            sub = mount.get("subPath") or ""
+            if sub.startswith("/") or ".." in Path(sub).parts:
+                raise podspec.PodSpecError(
+                    "CreateContainerConfigError",
+                    f"volumeMount {mount['name']!r}: subPath {sub!r} must be a relative path "
+                    "without '..'",
+                )
+            if sub:
+                source = source / sub
+                if not source.exists():
+                    source.mkdir(parents=True)  # as the kubelet does for a missing subPath
             target = mount["mountPath"]
+            if not target.startswith("/") or ".." in Path(target).parts:
+                raise podspec.PodSpecError(
+                    "CreateContainerConfigError",
+                    f"volumeMount {mount['name']!r}: mountPath {target!r} must be an absolute "
+                    "path without '..'",
+                )
             self.runner.mountpoint(target, directory=source.is_dir())
             mounts.append(Mount(str(source), target, bool(mount.get("readOnly"))))
         return mounts
