@@ -8,8 +8,11 @@ import sys
 from collections.abc import Awaitable
 from pathlib import Path
 
+from kubernetes_asyncio import client as k8s
+
 from tpcontrol.configmap import AgentConfigStore
 from tpcontrol.localcluster import LocalControlPlane
+from tpcontrol.localstack import running_stack
 from tpcontrol.manager import Manager, ManagerSettings
 from tpproxy.config import encode_sidecar
 from tpproxy.server import Proxy
@@ -17,7 +20,8 @@ from tpproxy.server import Proxy
 from .agent_helpers import start_agent
 from .helpers import free_port, run
 from .http_servers import Upstream
-from .k8s_helpers import IMAGE, deployment, make_namespace, service, unique
+from .k8s_helpers import IMAGE, LABEL, deployment, make_namespace, service, unique
+from .node_helpers import answers, require_root
 from .test_http import get, read_responses, send_raw
 from .test_webhook_k8s import create
 
@@ -35,77 +39,59 @@ def tpcontrol(*args: str) -> Awaitable[asyncio.subprocess.Process]:
 
 
 PROBE = """
-import os, sys, urllib.request
-request = urllib.request.Request("http://127.0.0.1:{port}/through", headers={{"x-dev": "alice"}})
-print(urllib.request.urlopen(request, timeout=10).read().decode())
+import os, sys, time, urllib.request
+request = urllib.request.Request("http://{host}:{port}/through", headers={{"x-dev": "alice"}})
+for attempt in range(100):  # ACTIVE can come while the old pod (no agent) still serves
+    body = urllib.request.urlopen(request, timeout=10).read().decode()
+    if body.startswith("dev"):
+        break
+    time.sleep(0.2)
+print(body)
 print("GREETING=" + os.environ.get("GREETING", "?"))
 print("ID=" + os.environ.get("TELEPRESENCE_INTERCEPT_ID", "?"))
 """
 
 
 def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path: Path) -> None:
+    """On the local node: the pod the webhook patched runs the agent; the command after `--`
+    reaches the Service from inside the node's network and gets the local process's answer."""
+    require_root()
+
     async def scenario() -> None:
-        app, dev = await Upstream("app").start(), await Upstream("dev").start()
-        agent_port = free_port()
+        dev = await Upstream("dev").start()
         async with control_plane.api() as api:
             ns = await make_namespace(api, unique("cli"))
-            container = {
-                "name": "echo",
-                "image": "example/echo",
-                "ports": [{"name": "http", "containerPort": app.port}],
-            }
-            await create(
+            async with running_stack(
                 api,
-                ns,
-                service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]),
-                deployment("echo", [container]),
-            )
-            manager = Manager(api, ManagerSettings(agent_image=IMAGE, agent_port=agent_port))
-            runner, manager_port = await manager.start()
-            proxy: Proxy | None = None
-            agent_task: asyncio.Task[None] | None = None
-            try:
-                env_file = tmp_path / "echo.env"
-                cli = await tpcontrol(
-                    "intercept",
-                    "echo",
-                    "-n",
+                probe_namespace=ns,
+                manager_namespace=unique("tm"),
+                namespace_labels={LABEL: ns},
+                node_name=unique("node"),
+            ) as stack:
+                container = {
+                    "name": "echo",
+                    "image": "tpcontrol.example/http-echo:1",
+                    "args": ["--port", "8080"],
+                    "env": [{"name": "GREETING", "value": "hi"}],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                }
+                await create(
+                    api,
                     ns,
-                    "--port",
-                    "http",
-                    "--to",
-                    str(dev.port),
-                    "--http-header",
-                    "x-dev=alice",
-                    "--env-file",
-                    str(env_file),
-                    "--manager",
-                    f"http://127.0.0.1:{manager_port}",
-                    "--wait",
-                    "60",
-                    "--",
-                    sys.executable,
-                    "-c",
-                    PROBE.format(port=agent_port),
+                    service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]),
+                    deployment("echo", [container]),
                 )
-                # The pod's part: once prepare has stored the entry, run the agent from it, as the
-                # webhook's injected container would.
-                store = AgentConfigStore(api)
-                async with asyncio.timeout(30):
-                    while (entry := await store.get(ns, "echo")) is None:
-                        await asyncio.sleep(0.05)
-                config = tmp_path / "config.yaml"
-                config.write_bytes(encode_sidecar(entry))
-                agent, proxy = await start_agent(
-                    config,
-                    f"http://127.0.0.1:{manager_port}",
-                    "echo-1",
-                    "10.0.0.7",
-                    {"_TEL_APP_A_GREETING": "hi"},
-                )
-                agent_task = asyncio.create_task(agent.run())
-
-                async with asyncio.timeout(60):
+                svc = await k8s.CoreV1Api(api).read_namespaced_service("echo", ns)
+                env_file = tmp_path / "echo.env"
+                node_net = f"--net=/run/netns/{stack.node.network.node_ns}"
+                probe = PROBE.format(host=svc.spec.cluster_ip, port=80)
+                cli = await tpcontrol(
+                    "intercept", "echo", "-n", ns, "--port", "http", "--to", str(dev.port),
+                    "--http-header", "x-dev=alice", "--env-file", str(env_file),
+                    "--manager", stack.manager_url, "--wait", "60",
+                    "--", "nsenter", node_net, sys.executable, "-c", probe,
+                )  # fmt: skip
+                async with asyncio.timeout(90):
                     out, err = await cli.communicate()
                 text = out.decode()
                 assert cli.returncode == 0, err.decode() + text
@@ -116,40 +102,29 @@ def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path
                 assert "ACTIVE" in text
                 assert "left intercept" in text
                 assert "GREETING=hi\n" in env_file.read_text()
-                assert manager.state.all_intercepts() == []  # left on exit
+                assert stack.manager.state.all_intercepts() == []  # left on exit
 
                 # Back to the app for everyone.
-                reader, writer = await send_raw(agent_port, get("/after", "x-dev: alice"))
-                (response,) = await read_responses(reader, 1)
-                assert response.body == b"app GET /after"
-                writer.close()
+                body = await answers(
+                    stack.node.network.node_ns,
+                    svc.spec.cluster_ip,
+                    80,
+                    "/after",
+                    **{"x-dev": "alice"},
+                )
+                assert body.startswith("served by"), body
 
                 # A wrong port is one clear line and exit code 2, and nothing is created.
                 bad = await tpcontrol(
-                    "intercept",
-                    "echo",
-                    "-n",
-                    ns,
-                    "--port",
-                    "nope",
-                    "--manager",
-                    f"http://127.0.0.1:{manager_port}",
+                    "intercept", "echo", "-n", ns, "--port", "nope", "--manager", stack.manager_url
                 )
                 _, err = await bad.communicate()
                 assert bad.returncode == 2
                 assert err.decode().count("\n") == 1
                 assert "has no interceptable port matching port nope" in err.decode()
-            finally:
-                if agent_task is not None:
-                    agent_task.cancel()
-                if proxy is not None:
-                    await proxy.engine.close()
-                await manager.stop()
-                await runner.cleanup()
-                app.close()
-                dev.close()
+        dev.close()
 
-    run(scenario(), timeout=120)
+    run(scenario(), timeout=150)
 
 
 async def _reaches(port: int, header: str | None, want: bytes, within: float) -> None:

@@ -26,6 +26,7 @@ from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
+OWNERS_DIR = Path("/run/tpcontrol-node")  # <prefix> -> the pid of the runner that owns it
 T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -154,6 +155,8 @@ class NodeNetwork:
 
     def create(self) -> None:
         """Make the node namespace with its bridge; the bridge has the node's address."""
+        OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+        (OWNERS_DIR / self.prefix).write_text(str(os.getpid()))
         ip("netns", "add", self.node_ns)
         try:
             ns = self.node_ns
@@ -170,13 +173,15 @@ class NodeNetwork:
         with self._lock:
             self._counter += 1
             number = self._counter
-            if self._free:
+            # Fresh addresses first: a reused one would meet the node's cached neighbour entry
+            # for the old pod's MAC (flushed on removal too, but new is simplest and safest).
+            address = self.subnet.network_address + self._next
+            if address < self.subnet.broadcast_address:
+                self._next += 1
+            elif self._free:
                 address = self._free.pop(0)
             else:
-                address = self.subnet.network_address + self._next
-                self._next += 1
-                if address >= self.subnet.broadcast_address:
-                    raise NetworkError(f"no pod address left in {self.subnet}")
+                raise NetworkError(f"no pod address left in {self.subnet}")
         pod_ns, veth = f"{self.prefix}-p{number}", f"vp{number}"
         ip("netns", "add", pod_ns)
         try:
@@ -200,6 +205,8 @@ class NodeNetwork:
         address = self._pods.pop(pod_ns, None)
         self._delete_ns(pod_ns)
         if address is not None:
+            with contextlib.suppress(NetworkError):  # the node forgets the old pod's MAC
+                ip("-n", self.node_ns, "neigh", "flush", "to", address)
             with self._lock:
                 self._free.append(ipaddress.IPv4Address(address))
 
@@ -223,8 +230,34 @@ class NodeNetwork:
         """Delete every namespace this network made (pods first, then the node)."""
         for name in sorted(self.owned(), key=lambda n: n == self.node_ns):
             self._delete_ns(name)
+        (OWNERS_DIR / self.prefix).unlink(missing_ok=True)
         self._pods.clear()
         self._cluster_ips.clear()
+
+    @staticmethod
+    def reap_stale() -> list[str]:
+        """Delete the namespaces of runners that died without cleaning up (SIGKILL, a crash).
+
+        Each runner records its pid under its prefix; a prefix whose runner is gone is removed
+        with every namespace it named. Returns the namespaces deleted.
+        """
+        removed: list[str] = []
+        if not OWNERS_DIR.is_dir():
+            return removed
+        for marker in OWNERS_DIR.iterdir():
+            try:
+                pid = int(marker.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and Path(f"/proc/{pid}").exists():
+                continue
+            prefix = marker.name
+            for name in namespaces():
+                if name == prefix or name.startswith(prefix + "-"):
+                    NodeNetwork._delete_ns(name)
+                    removed.append(name)
+            marker.unlink(missing_ok=True)
+        return removed
 
     @staticmethod
     def _delete_ns(name: str) -> None:

@@ -92,6 +92,9 @@ class NodeRunner:
     async def start(self) -> None:
         """Make the network, register the Node and start reconciling."""
         try:
+            stale = await asyncio.to_thread(NodeNetwork.reap_stale)
+            if stale:
+                log.warning("removed namespaces left by a runner that died: %s", stale)
             await asyncio.to_thread(self.network.create)
             await self._register()
             reflectors = [

@@ -1,0 +1,87 @@
+"""The node's network on its own (root, no API server): pods reach each other through the node's
+bridge, sockets opened inside namespaces, nothing added to the host, and namespaces of a runner
+that died are reaped by the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tpcontrol.node import netns
+from tpcontrol.node.netns import NodeNetwork, listen_in, namespaces, open_connection_in
+
+from .helpers import run
+from .node_helpers import require_root
+from .test_node_k8s import root_network
+
+
+def test_pods_talk_through_the_node_and_nothing_reaches_the_host() -> None:
+    require_root()
+    before = root_network()
+    network = NodeNetwork(f"tpt-{os.urandom(3).hex()}")
+    network.create()
+    try:
+        pod_a, ip_a = network.add_pod()
+        pod_b, ip_b = network.add_pod()
+        assert ip_a != ip_b
+        network.add_cluster_ip("10.0.0.77")
+        assert root_network() == before
+
+        async def scenario() -> None:
+            async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                writer.write(b"from b: " + await reader.readline())
+                await writer.drain()
+                writer.close()
+
+            sock = listen_in(pod_b, "0.0.0.0", 7000)
+            server = await asyncio.start_server(answer, sock=sock)
+            async with server:
+                # pod a -> pod b, across the bridge
+                reader, writer = await open_connection_in(pod_a, ip_b, 7000)
+                writer.write(b"hi\n")
+                assert await asyncio.wait_for(reader.readline(), 5) == b"from b: hi\n"
+                writer.close()
+
+        run(scenario(), timeout=30)
+        network.remove_pod(pod_a)
+        assert pod_a not in namespaces()
+        _, fresh = network.add_pod()
+        assert fresh not in (ip_a, ip_b)  # fresh addresses first: no stale neighbour entries
+    finally:
+        network.destroy()
+    assert network.owned() == []
+    assert root_network() == before
+
+
+def test_inside_reports_a_missing_namespace() -> None:
+    require_root()
+    with pytest.raises(FileNotFoundError):
+        netns.socket_in("tpt-no-such-namespace")
+
+
+def test_namespaces_of_a_dead_runner_are_reaped_and_live_ones_kept() -> None:
+    require_root()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = f"tpt-{os.urandom(3).hex()}", f"tpt-{os.urandom(3).hex()}"
+    netns.OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+    (netns.OWNERS_DIR / stale).write_text(str(dead.pid))
+    (netns.OWNERS_DIR / live).write_text(str(os.getpid()))
+    made = [stale, f"{stale}-p1", live]
+    try:
+        for name in made:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+        removed = NodeNetwork.reap_stale()
+        assert sorted(removed) == [stale, f"{stale}-p1"]
+        assert live in namespaces()
+        assert stale not in namespaces()
+        assert not (netns.OWNERS_DIR / stale).exists()
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        (netns.OWNERS_DIR / live).unlink(missing_ok=True)
+        (netns.OWNERS_DIR / stale).unlink(missing_ok=True)
