@@ -14,6 +14,7 @@ from kubernetes_asyncio import client as k8s
 
 from tpcontrol.agentconfig import GeneratorSettings
 from tpcontrol.localcluster import wait_for_service_account
+from tpcontrol.localstack import Stack, running_stack, until_webhook_called
 from tpcontrol.webhook import (
     Injector,
     ReloadingTls,
@@ -65,34 +66,11 @@ async def running_webhook(
         registration = k8s.AdmissionregistrationV1Api(api)
         await registration.create_mutating_webhook_configuration(cast(Any, config))
         try:
-            await _until_called(api, server, namespace)
+            await until_webhook_called(api, server, namespace)
             yield server
         finally:
             await registration.delete_mutating_webhook_configuration(f"injector-{namespace}")
             await runner.cleanup()
-
-
-async def _until_called(api: k8s.ApiClient, server: WebhookServer, namespace: str) -> None:
-    core = k8s.CoreV1Api(api)
-    probe = {
-        "metadata": {"name": "webhook-probe"},
-        "spec": {"containers": [{"name": "c", "image": "probe"}]},
-    }
-    async with asyncio.timeout(30):
-        while _calls(server) == 0:
-            await core.create_namespaced_pod(namespace, cast(Any, probe), dry_run="All")
-            if _calls(server) == 0:
-                await asyncio.sleep(0.1)
-
-
-def _calls(server: WebhookServer) -> float:
-    return sum(
-        sample.value
-        for metric in server.registry.collect()
-        if metric.name == "tpcontrol_admission_requests"
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    )
 
 
 async def wait_for_pods(
@@ -112,6 +90,20 @@ async def wait_for_pods(
             if len(pods) == count and ready(pods):
                 return pods
             await asyncio.sleep(0.1)
+
+
+@asynccontextmanager
+async def stack_for(api: k8s.ApiClient, namespace: str, **options: Any) -> AsyncIterator[Stack]:
+    """Manager, webhook and node acting on `namespace` only (made with `make_namespace`)."""
+    async with running_stack(
+        api,
+        probe_namespace=namespace,
+        manager_namespace=unique("tm"),
+        namespace_labels={LABEL: namespace},
+        node_name=unique("node"),
+        **options,
+    ) as stack:
+        yield stack
 
 
 def deployment(

@@ -13,12 +13,12 @@ from typing import Any, cast
 from kubernetes_asyncio import client as k8s
 
 from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.localstack import Stack, running_stack
+from tpcontrol.localstack import Stack
 from tpcontrol.node.netns import namespaces, open_connection_in
 
 from .helpers import run
 from .http_servers import Upstream
-from .k8s_helpers import LABEL, deployment, make_namespace, service, unique, wait_for_pods
+from .k8s_helpers import deployment, make_namespace, service, stack_for, unique, wait_for_pods
 from .node_helpers import Json, alive, answers, cmdline, nat_rules, ready, require_root
 from .test_intercept_cli_k8s import tpcontrol
 
@@ -68,13 +68,7 @@ def test_http_intercept_through_the_agent_the_webhook_injected(
         dev = await Upstream("dev").start()
         async with control_plane.api() as api:
             ns = await make_namespace(api, unique("e2e"))
-            async with running_stack(
-                api,
-                probe_namespace=ns,
-                manager_namespace=unique("tm"),
-                namespace_labels={LABEL: ns},
-                node_name=unique("node"),
-            ) as stack:
+            async with stack_for(api, ns) as stack:
                 node = stack.node
                 container = {
                     "name": "echo",
@@ -152,14 +146,7 @@ def test_numeric_target_port_reaches_the_agent_through_the_init_containers_iptab
         dev_port = dev.sockets[0].getsockname()[1]
         async with control_plane.api() as api:
             ns = await make_namespace(api, unique("e2e"))
-            async with running_stack(
-                api,
-                probe_namespace=ns,
-                manager_namespace=unique("tm"),
-                namespace_labels={LABEL: ns},
-                node_name=unique("node"),
-                agent_port=9950,
-            ) as stack:
+            async with stack_for(api, ns, agent_port=9950) as stack:
                 node = stack.node
                 container = {
                     "name": "stock",

@@ -12,7 +12,6 @@ from kubernetes_asyncio import client as k8s
 
 from tpcontrol.configmap import AgentConfigStore
 from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.localstack import running_stack
 from tpcontrol.manager import Manager, ManagerSettings
 from tpproxy.config import encode_sidecar
 from tpproxy.server import Proxy
@@ -20,7 +19,7 @@ from tpproxy.server import Proxy
 from .agent_helpers import start_agent
 from .helpers import free_port, run
 from .http_servers import Upstream
-from .k8s_helpers import IMAGE, LABEL, deployment, make_namespace, service, unique
+from .k8s_helpers import IMAGE, deployment, make_namespace, service, stack_for, unique
 from .node_helpers import answers, require_root
 from .test_http import get, read_responses, send_raw
 from .test_webhook_k8s import create
@@ -61,13 +60,7 @@ def test_intercept_command_end_to_end(control_plane: LocalControlPlane, tmp_path
         dev = await Upstream("dev").start()
         async with control_plane.api() as api:
             ns = await make_namespace(api, unique("cli"))
-            async with running_stack(
-                api,
-                probe_namespace=ns,
-                manager_namespace=unique("tm"),
-                namespace_labels={LABEL: ns},
-                node_name=unique("node"),
-            ) as stack:
+            async with stack_for(api, ns) as stack:
                 container = {
                     "name": "echo",
                     "image": "tpcontrol.example/http-echo:1",

@@ -28,9 +28,14 @@ from typing import Any, cast
 import yaml
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.localcluster import LocalControlPlane, missing_binaries, wait_for_service_account
+from tpcontrol.localcluster import (
+    ControlPlaneError,
+    LocalControlPlane,
+    missing_binaries,
+    wait_for_service_account,
+)
 from tpcontrol.localstack import Stack, running_stack
-from tpcontrol.node.netns import open_connection_in
+from tpcontrol.node.netns import NetworkError, open_connection_in
 from tpcontrol.node.podspec import EXAMPLES
 
 NAMESPACE = "shop"
@@ -422,6 +427,10 @@ async def run_cluster_demo(requests: int = 3) -> int:
         print("\ninterrupted: tearing everything down", file=sys.stderr, flush=True)
         await asyncio.to_thread(plane.stop)
         return 130
+    except (ControlPlaneError, NetworkError, k8s.ApiException, OSError) as exc:
+        # Setting up failed (a step's own errors are in its result): say what, not a traceback.
+        print(f"tpcontrol demo: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         await asyncio.to_thread(plane.stop)
     return _summary(walk, time.monotonic() - started)

@@ -201,9 +201,10 @@ class PodWorker:
             self.runner.config_maps(self.namespace), self.runner.secrets(self.namespace)
         )
         for container in self.inits:
-            code = await self._start(container)
-            if code is None:
-                code = await container.process.wait() if container.process else 1
+            if await self._start(container) is not None:
+                return  # could not be started: the pod has failed with that reason
+            assert container.process is not None
+            code = await container.process.wait()
             self._exited(container, code)
             if code != 0:
                 tail = self.log_tail(container.name)
@@ -215,8 +216,7 @@ class PodWorker:
             await self.report()
         self.initialized = True
         for container in self.containers:
-            code = await self._start(container)
-            if code is not None:
+            if await self._start(container) is not None:
                 return
         self.phase = "Running"
         await self.report()
