@@ -353,3 +353,35 @@ def test_node_command_removes_everything_it_made_after_ctrl_c(
             assert not [p for p in children if alive(p)]
 
     run(scenario(), timeout=120)
+
+
+def ids_of(pid: int) -> dict[str, str]:
+    """The real user and group ids of a process."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {
+        line.split(":")[0]: line.split()[1] for line in lines if line.startswith(("Uid:", "Gid:"))
+    }
+
+
+def test_containers_run_as_the_security_context_says(control_plane: LocalControlPlane) -> None:
+    require_root()
+
+    async def scenario() -> None:
+        async with control_plane.api() as api:
+            core = k8s.CoreV1Api(api)
+            ns = await make_namespace(api, unique("node"))
+            nobody = {
+                "name": "main",
+                "image": ECHO,
+                "command": ["sleep", "300"],
+                "securityContext": {"runAsUser": 65534},
+            }
+            async with running_node(api, ns) as node:
+                spec = pod("nobody", [nobody], securityContext={"runAsGroup": 65533})
+                await core.create_namespaced_pod(ns, cast(Any, spec))
+                await wait_for_pod(api, ns, "nobody", ready)
+                process = node.workers[(ns, "nobody")].containers[0].process
+                assert process is not None
+                assert ids_of(process.pid) == {"Uid": "65534", "Gid": "65533"}
+
+    run(scenario(), timeout=60)

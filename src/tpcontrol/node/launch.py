@@ -41,6 +41,8 @@ class LaunchSpec(msgspec.Struct, frozen=True, rename="camel"):
     hosts_file: str = ""
     workdir: str = ""
     mounts: list[Mount] = []
+    run_as_user: int | None = None
+    run_as_group: int | None = None
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -109,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     path = command if "/" in command else shutil.which(command, path=spec.env.get("PATH", ""))
     if path is None or not os.path.exists(path):
         return _fail(spec, 127, f'exec: "{command}": executable file not found in $PATH')
+    try:
+        if spec.run_as_group is not None or spec.run_as_user is not None:
+            os.setgroups([])
+        if spec.run_as_group is not None:
+            os.setgid(spec.run_as_group)
+        if spec.run_as_user is not None:
+            os.setuid(spec.run_as_user)
+    except OSError as exc:
+        return _fail(spec, 128, f"cannot run as the securityContext says: {exc}")
     try:
         os.chdir(spec.workdir or "/")
         os.execve(path, spec.argv, spec.env)

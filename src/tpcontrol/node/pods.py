@@ -253,6 +253,8 @@ class PodWorker:
             hosts_file=str(self.dir / "hosts"),
             workdir=container.spec.get("workingDir", ""),
             mounts=self._mounts(container.spec),
+            run_as_user=self._security(container.spec, "runAsUser"),
+            run_as_group=self._security(container.spec, "runAsGroup"),
         )
         spec_file = self.dir / f"{container.name}.launch.json"
         spec_file.write_bytes(msgspec.json.encode(spec))
@@ -282,6 +284,13 @@ class PodWorker:
             await self.fail("StartError", f"container {container.name!r}: {error_file.read_text()}")
             return code
         return None  # exited, but started: the supervisor restarts it by policy
+
+    def _security(self, container: Json, field: str) -> int | None:
+        """The container's securityContext value, else the pod's (as the kubelet merges them)."""
+        for context in (container.get("securityContext"), self.pod["spec"].get("securityContext")):
+            if context and context.get(field) is not None:
+                return int(context[field])
+        return None
 
     def _mounts(self, container: Json) -> list[Mount]:
         mounts = []
