@@ -32,11 +32,17 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def leftovers(output: str) -> list[str]:
+    """The network namespaces of the demo's node (named in its output) that still exist."""
+    found = re.search(r"pods in network namespaces (tpn-[0-9a-f]+)-", output)
+    assert found, output
+    return [n for n in namespaces() if n.startswith(found.group(1))]
+
+
 def test_ctrl_c_during_the_demo_tears_everything_down() -> None:
     require_root()
     if missing_binaries():
         pytest.skip("no control plane binaries (scripts/install-k8s-testbin.sh)")
-    before = set(namespaces())
     proc = subprocess.Popen(
         [sys.executable, "-m", "tpcontrol", "demo"],
         stdout=subprocess.PIPE,
@@ -58,7 +64,7 @@ def test_ctrl_c_during_the_demo_tears_everything_down() -> None:
         assert work, "".join(seen)
         assert seen[-1].startswith("== 3."), "".join(seen)
         assert processes_mentioning(work)  # etcd, kube-apiserver, controller-manager
-        assert set(namespaces()) - before  # the node's and the pods'
+        assert leftovers("".join(seen))  # the node's and the pods' namespaces exist
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=90)
     finally:
@@ -68,7 +74,30 @@ def test_ctrl_c_during_the_demo_tears_everything_down() -> None:
     assert proc.returncode == 130, err
     assert "interrupted: tearing everything down" in err
     assert "Traceback" not in err
-    assert set(namespaces()) == before
+    assert leftovers("".join(seen)) == []
     assert processes_mentioning(work) == []
     assert not Path(work).exists()
     assert processes_mentioning("examples/http_echo.py") == []
+
+
+def test_the_demo_runs_every_step_and_leaves_nothing() -> None:
+    require_root()
+    if missing_binaries():
+        pytest.skip("no control plane binaries (scripts/install-k8s-testbin.sh)")
+    done = subprocess.run(
+        [sys.executable, "-m", "tpcontrol", "demo", "--requests", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = done.stdout.split("== summary", 1)[1].splitlines()[1:]
+    assert len(summary) == 7
+    assert all(line.strip().startswith("ok") for line in summary), summary
+    assert "served by alice's laptop" in done.stdout
+    assert "served by bob's laptop" in done.stdout
+    assert "hello from carol's laptop" in done.stdout
+    assert "REDIRECT --to-ports" in done.stdout  # tel-agent-init's rules, read in the pod
+    assert "WRONG" not in done.stdout
+    assert leftovers(done.stdout) == []
