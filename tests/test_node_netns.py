@@ -5,6 +5,7 @@ that died are reaped by the next one."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -69,8 +70,9 @@ def test_namespaces_of_a_dead_runner_are_reaped_and_live_ones_kept() -> None:
     dead.wait()
     stale, live = f"tpt-{os.urandom(3).hex()}", f"tpt-{os.urandom(3).hex()}"
     netns.OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-    (netns.OWNERS_DIR / stale).write_text(str(dead.pid))
-    (netns.OWNERS_DIR / live).write_text(str(os.getpid()))
+    (netns.OWNERS_DIR / stale).write_text(json.dumps({"pid": dead.pid, "started": "1"}))
+    me = {"pid": os.getpid(), "started": netns.start_time(os.getpid())}
+    (netns.OWNERS_DIR / live).write_text(json.dumps(me))
     made = [stale, f"{stale}-p1", live]
     try:
         for name in made:

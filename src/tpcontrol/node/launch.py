@@ -14,13 +14,16 @@ import contextlib
 import ctypes
 import os
 import shutil
+import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-CLONE_NEWNS = 0x00020000
+CLONE_NEWNS, CLONE_NEWUTS = 0x00020000, 0x04000000
+PR_SET_PDEATHSIG = 1
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 
@@ -43,6 +46,7 @@ class LaunchSpec(msgspec.Struct, frozen=True, rename="camel"):
     mounts: list[Mount] = []
     run_as_user: int | None = None
     run_as_group: int | None = None
+    hostname: str = ""
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -69,8 +73,12 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 def enter(spec: LaunchSpec) -> None:
     """Join the pod's network namespace in a private mount namespace and lay out the mounts."""
+    # A container never outlives its runner, even one killed with SIGKILL.
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     netns = os.open(f"/run/netns/{spec.netns}", os.O_RDONLY)
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare(CLONE_NEWNS|CLONE_NEWUTS)")
+    if spec.hostname:
+        socket.sethostname(spec.hostname)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _check(_libc.setns(netns, 0x40000000), f"setns {spec.netns}")
     os.close(netns)
@@ -120,11 +128,16 @@ def main(argv: list[str] | None = None) -> int:
             os.setuid(spec.run_as_user)
     except OSError as exc:
         return _fail(spec, 128, f"cannot run as the securityContext says: {exc}")
+    if spec.workdir and not os.path.isdir(spec.workdir):
+        return _fail(spec, 128, f"workingDir {spec.workdir!r} is not a directory in the container")
     try:
         os.chdir(spec.workdir or "/")
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a new uid cleared it
         os.execve(path, spec.argv, spec.env)
     except OSError as exc:
         return _fail(spec, 126, f'exec: "{command}": {exc.strerror}')
+    except ValueError as exc:  # e.g. a NUL byte in an argument or an env value
+        return _fail(spec, 128, f'exec: "{command}": {exc}')
     return 0  # not reached: execve replaced this process
 
 

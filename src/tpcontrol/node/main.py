@@ -28,8 +28,11 @@ def problems(subnet: str) -> list[str]:
 
 
 async def run_node(args: argparse.Namespace) -> int:
+    from kubernetes_asyncio import client as k8s
+
     from tpcontrol.kube import api_client
-    from tpcontrol.node.runner import NodeRunner, NodeSettings
+    from tpcontrol.node.netns import NetworkError
+    from tpcontrol.node.runner import NodeError, NodeRunner, NodeSettings
 
     labels = {}
     for item in args.namespace_label:
@@ -50,12 +53,21 @@ async def run_node(args: argparse.Namespace) -> int:
         subnet=args.subnet,
         agent_images=tuple(args.node_agent_images),
     )
-    async with api_client(args.kubeconfig) as api, NodeRunner(api, settings) as node:
-        print(
-            json.dumps(
-                {"node": node.name, "netns": node.network.node_ns, "nodeIP": node.network.node_ip}
-            ),
-            flush=True,
-        )
-        await until_signalled()
+    async with api_client(args.kubeconfig) as api:
+        node = NodeRunner(api, settings)
+        try:
+            await node.start()
+        except (NodeError, NetworkError, k8s.ApiException, TimeoutError) as exc:
+            print(f"tpcontrol: error: node: {exc}", file=sys.stderr)
+            return 1
+        try:
+            summary = {
+                "node": node.name,
+                "netns": node.network.node_ns,
+                "nodeIP": node.network.node_ip,
+            }
+            print(json.dumps(summary), flush=True)
+            await until_signalled()
+        finally:
+            await node.stop()
     return 0

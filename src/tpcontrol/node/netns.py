@@ -15,7 +15,10 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -120,11 +123,70 @@ async def open_connection_in(
     return await asyncio.open_connection(sock=sock)
 
 
+def processes_in(namespace: str) -> list[int]:
+    """Every process whose network namespace is `namespace` (for a pod: all it started,
+    whatever became of their sessions and parents)."""
+    try:
+        inode = (NETNS_DIR / namespace).stat().st_ino
+    except OSError:
+        return []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "ns" / "net").stat().st_ino == inode:
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile
+    return found
+
+
+def kill_all_in(namespace: str) -> int:
+    """SIGKILL every process of `namespace`; returns how many were signalled."""
+    killed = 0
+    for pid in processes_in(namespace):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def start_time(pid: int) -> str:
+    """When a process started (clock ticks since boot), to tell a pid from its reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 def namespaces() -> list[str]:
     """The named network namespaces that exist now."""
     if not NETNS_DIR.is_dir():
         return []
     return sorted(p.name for p in NETNS_DIR.iterdir())
+
+
+def _owner(marker: Path) -> dict[str, object]:
+    try:
+        found = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def owner_alive(owner: dict[str, object]) -> bool:
+    """Whether the runner a marker names still runs (same pid, same start time)."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    return start_time(pid) == owner.get("started") != ""
+
+
+def live_owner(prefix: str) -> dict[str, object] | None:
+    """The marker of a runner that still runs under `prefix`, if any."""
+    owner = _owner(OWNERS_DIR / prefix)
+    return owner if owner_alive(owner) else None
 
 
 @dataclass
@@ -136,6 +198,7 @@ class NodeNetwork:
     """
 
     prefix: str
+    work: str = ""  # the runner's work directory, removed by `reap_stale` if the runner dies
     subnet: ipaddress.IPv4Network = field(
         default_factory=lambda: ipaddress.IPv4Network("10.244.0.0/16")
     )
@@ -156,7 +219,8 @@ class NodeNetwork:
     def create(self) -> None:
         """Make the node namespace with its bridge; the bridge has the node's address."""
         OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-        (OWNERS_DIR / self.prefix).write_text(str(os.getpid()))
+        owner = {"pid": os.getpid(), "started": start_time(os.getpid()), "work": self.work}
+        (OWNERS_DIR / self.prefix).write_text(json.dumps(owner))
         ip("netns", "add", self.node_ns)
         try:
             ns = self.node_ns
@@ -168,11 +232,17 @@ class NodeNetwork:
             self.destroy()
             raise
 
-    def add_pod(self) -> tuple[str, str]:
-        """A new pod namespace joined to the bridge: returns (namespace name, pod IP)."""
+    def pod_namespace(self) -> str:
+        """The name the next pod's namespace gets (reserved: `add_pod(name)` makes it)."""
         with self._lock:
             self._counter += 1
-            number = self._counter
+            return f"{self.prefix}-p{self._counter}"
+
+    def add_pod(self, pod_ns: str | None = None) -> tuple[str, str]:
+        """A new pod namespace joined to the bridge: returns (namespace name, pod IP)."""
+        pod_ns = pod_ns or self.pod_namespace()
+        number = pod_ns.rsplit("-p", 1)[1]
+        with self._lock:
             # Fresh addresses first: a reused one would meet the node's cached neighbour entry
             # for the old pod's MAC (flushed on removal too, but new is simplest and safest).
             address = self.subnet.network_address + self._next
@@ -182,7 +252,7 @@ class NodeNetwork:
                 address = self._free.pop(0)
             else:
                 raise NetworkError(f"no pod address left in {self.subnet}")
-        pod_ns, veth = f"{self.prefix}-p{number}", f"vp{number}"
+        veth = f"vp{number}"
         ip("netns", "add", pod_ns)
         try:
             ip("-n", self.node_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
@@ -201,8 +271,10 @@ class NodeNetwork:
         return pod_ns, str(address)
 
     def remove_pod(self, pod_ns: str) -> None:
-        """Delete a pod namespace (its veth goes with it) and free its address."""
+        """Kill what still runs in a pod namespace, delete it (its veth goes with it) and free
+        its address."""
         address = self._pods.pop(pod_ns, None)
+        kill_all_in(pod_ns)
         self._delete_ns(pod_ns)
         if address is not None:
             with contextlib.suppress(NetworkError):  # the node forgets the old pod's MAC
@@ -229,6 +301,7 @@ class NodeNetwork:
     def destroy(self) -> None:
         """Delete every namespace this network made (pods first, then the node)."""
         for name in sorted(self.owned(), key=lambda n: n == self.node_ns):
+            kill_all_in(name)
             self._delete_ns(name)
         (OWNERS_DIR / self.prefix).unlink(missing_ok=True)
         self._pods.clear()
@@ -245,17 +318,20 @@ class NodeNetwork:
         if not OWNERS_DIR.is_dir():
             return removed
         for marker in OWNERS_DIR.iterdir():
-            try:
-                pid = int(marker.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid > 0 and Path(f"/proc/{pid}").exists():
+            if not marker.is_file() or marker.name.startswith("."):
+                continue
+            owner = _owner(marker)
+            if owner_alive(owner):
                 continue
             prefix = marker.name
             for name in namespaces():
                 if name == prefix or name.startswith(prefix + "-"):
+                    kill_all_in(name)
                     NodeNetwork._delete_ns(name)
                     removed.append(name)
+            work = str(owner.get("work") or "")
+            if work.startswith(("/dev/shm/tpcontrol-node-", "/var/tmp/tpcontrol-node-")):
+                shutil.rmtree(work, ignore_errors=True)
             marker.unlink(missing_ok=True)
         return removed
 

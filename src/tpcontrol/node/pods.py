@@ -2,11 +2,15 @@
 
 A pod gets its network namespace and address, its volumes written under the runner's work
 directory, its init containers run one after the other to completion, then its containers
-started through `tpcontrol.node.launch` and watched: readiness probes, restarts by the pod's
-restartPolicy, and the status the API server shows (phase, podIP, conditions, container states)
-patched back whenever it changes. A container that cannot be started (its command is missing,
-its image has no local command, its config refers to a missing key) makes the pod `Failed` with
-the reason, rather than retrying what cannot work.
+started through `tpcontrol.node.launch` and watched: readiness and liveness probes, restarts by
+the pod's restartPolicy, and the status the API server shows (phase, podIP, conditions,
+container states) patched back whenever it changes.
+
+What cannot work is not retried: a command that is not there, an image with no local command,
+a failing init container make the pod `Failed` with the reason. What can change is waited for,
+as the kubelet does: a missing ConfigMap, Secret or key leaves the container waiting
+(`CreateContainerConfigError`) until it appears. A pod's processes are all the processes in its
+network namespace, so none outlives the pod, whatever session or parent it has.
 
 Deviation, for speed: probe periods and initial delays are capped at `probe_period` seconds.
 """
@@ -16,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import os
+import shutil
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +35,7 @@ import msgspec
 
 from tpcontrol.node import podspec
 from tpcontrol.node.launch import LaunchSpec, Mount
-from tpcontrol.node.netns import open_connection_in
+from tpcontrol.node.netns import kill_all_in, open_connection_in
 
 if TYPE_CHECKING:
     from tpcontrol.node.runner import NodeRunner
@@ -57,7 +64,7 @@ class Container:
     restarts: int = 0
     state: Json = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
     last_state: Json = field(default_factory=dict)
-    failures: int = 0
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -91,7 +98,7 @@ class PodWorker:
         self.pod = pod
         meta = pod["metadata"]
         self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
-        self.netns = ""
+        self.netns = runner.network.pod_namespace()
         self.ip = ""
         self.dir = runner.work / self.uid  # names can be longer than a file name may be
         self.phase = "Pending"
@@ -100,13 +107,18 @@ class PodWorker:
         self.initialized = False
         self.start_time = now()
         spec = pod["spec"]
+        self.hostname = str(spec.get("hostname") or self.name)[:63].rstrip("-.")
         self.inits = [Container(c, init=True) for c in spec.get("initContainers") or []]
         self.containers = [Container(c) for c in spec.get("containers") or []]
+        self.config_changed = asyncio.Event()
         self._reported: Json | None = None
         self._reporting = asyncio.Lock()
+        self._retry: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._released = False
         self._volume_files: dict[str, dict[str, bytes]] = {}
+        self._adding: asyncio.Future[tuple[str, str]] | None = None
         self.main: asyncio.Task[None] = asyncio.create_task(self._guarded(), name=f"pod {self}")
 
     def __str__(self) -> str:
@@ -146,12 +158,12 @@ class PodWorker:
         if self.ip:
             status["podIP"] = self.ip
             status["podIPs"] = [{"ip": self.ip}]
-        if self.reason:
-            status["reason"], status["message"] = self.reason, self.message
+        # null removes what an earlier patch set (the patch merges into the stored status)
+        status["reason"], status["message"] = self.reason or None, self.message or None
         return status
 
     async def report(self) -> None:
-        """Patch the status when it changed (timestamps aside).
+        """Patch the status when it changed (timestamps aside); a failed patch is retried.
 
         One report at a time, each computed once the previous patch is done: two patches in
         flight could reach the API server out of order and leave an older status in place.
@@ -164,10 +176,18 @@ class PodWorker:
                 return
             try:
                 await self.runner.patch_status(self.namespace, self.name, status)
-            except Exception:
-                self._reported = None  # the next report tries again
-                raise
+            except Exception as exc:  # the API server is away or slow: try again shortly
+                log.warning("pod %s: status not patched (%s); retrying", self, exc)
+                self._reported = None
+                if self._retry is None and not self._stopping:
+                    self._retry = asyncio.get_running_loop().call_later(1.0, self._report_later)
+                return
             self._reported = comparable
+
+    def _report_later(self) -> None:
+        self._retry = None
+        task = asyncio.ensure_future(self.report())
+        self._tasks.append(task)
 
     # -- life --------------------------------------------------------------------------------
 
@@ -183,30 +203,36 @@ class PodWorker:
             await self.fail("NodeError", f"{type(exc).__name__}: {exc}")
 
     async def fail(self, reason: str, message: str) -> None:
+        """The pod cannot run: it is Failed with the reason, and its sandbox is released."""
         log.warning("pod %s failed: %s: %s", self, reason, message)
         self.phase, self.reason, self.message = "Failed", reason, message
         await self.stop_processes(grace=2)
-        with contextlib.suppress(Exception):
-            await self.report()
+        await self.report()
+        await self.release()
 
     async def _run(self) -> None:
-        self.netns, self.ip = await asyncio.to_thread(self.runner.network.add_pod)
+        self._adding = asyncio.ensure_future(
+            asyncio.to_thread(self.runner.network.add_pod, self.netns)
+        )
+        _, self.ip = await asyncio.shield(self._adding)
         self.pod.setdefault("status", {}).update(
             {"podIP": self.ip, "podIPs": [{"ip": self.ip}], "hostIP": self.runner.network.node_ip}
         )
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.write_hosts()
         await self.report()
-        self.write_volumes(
-            self.runner.config_maps(self.namespace), self.runner.secrets(self.namespace)
-        )
+        await self._until_configured(None, self._write_current_volumes)
         for container in self.inits:
-            if await self._start(container) is not None:
-                return  # could not be started: the pod has failed with that reason
+            await self._until_configured(container, functools.partial(self._launch, container))
+            await self.report()
             assert container.process is not None
             code = await container.process.wait()
             self._exited(container, code)
             if code != 0:
+                if container.state["terminated"]["reason"] == "StartError":
+                    message = container.state["terminated"].get("message", "")
+                    await self.fail("StartError", f"init container {container.name!r}: {message}")
+                    return
                 tail = self.log_tail(container.name)
                 await self.fail(
                     "InitContainerFailed",
@@ -216,18 +242,49 @@ class PodWorker:
             await self.report()
         self.initialized = True
         for container in self.containers:
-            if await self._start(container) is not None:
-                return
+            await self._until_configured(container, functools.partial(self._launch, container))
         self.phase = "Running"
         await self.report()
         for container in self.containers:
             self._tasks.append(asyncio.create_task(self._supervise(container)))
-            if container.spec.get("readinessProbe"):
-                self._tasks.append(asyncio.create_task(self._probe_loop(container)))
+            for kind in ("readinessProbe", "livenessProbe"):
+                if container.spec.get(kind):
+                    self._tasks.append(asyncio.create_task(self._probe_loop(container, kind)))
         await asyncio.gather(*self._tasks)
 
-    async def _start(self, container: Container) -> int | None:
-        """Start a container; returns None when it runs, else the exit code of a failed start."""
+    async def _until_configured(
+        self, container: Container | None, step: Callable[[], Awaitable[None] | None]
+    ) -> None:
+        """Run `step`; while it lacks a ConfigMap, Secret or key, wait for them to change."""
+        while True:
+            self.config_changed.clear()
+            try:
+                result = step()
+                if result is not None:
+                    await result
+                if self.reason == "CreateContainerConfigError":
+                    self.reason = self.message = ""
+                return
+            except podspec.PodSpecError as exc:
+                if exc.reason != "CreateContainerConfigError":
+                    raise
+                where = f"container {container.name!r}: " if container else ""
+                self.reason, self.message = exc.reason, f"{where}{exc}"
+                waiting = {"waiting": {"reason": exc.reason, "message": str(exc)}}
+                for c in [container] if container else [*self.inits, *self.containers]:
+                    c.state = waiting
+                log.info("pod %s waits: %s", self, self.message)
+                await self.report()
+            await self.config_changed.wait()
+
+    def _write_current_volumes(self) -> None:
+        self.write_volumes(
+            self.runner.volume_config_maps(self.namespace),
+            self.runner.secrets(self.namespace, exact=True),
+        )
+
+    async def _launch(self, container: Container) -> None:
+        """Start a container's process (raises PodSpecError when its spec cannot be met)."""
         # $(VAR) sees only what the pod declares; the image's own variables come underneath.
         declared = podspec.container_env(
             self.pod,
@@ -236,13 +293,8 @@ class PodWorker:
             self.runner.secrets(self.namespace),
             {},
         )
-        env = {"PATH": IMAGE_PATH, "HOSTNAME": self.name, "HOME": "/root", **declared}
-        try:
-            argv = podspec.argv(container.spec, self.runner.images, declared)
-        except podspec.PodSpecError as exc:
-            container.state = {"waiting": {"reason": exc.reason, "message": str(exc)}}
-            await self.fail(exc.reason, f"container {container.name!r}: {exc}")
-            return 1
+        env = {"PATH": IMAGE_PATH, "HOSTNAME": self.hostname, "HOME": "/root", **declared}
+        argv = podspec.argv(container.spec, self.runner.images, declared)
         error_file = self.dir / f"{container.name}.start-error"
         error_file.unlink(missing_ok=True)
         spec = LaunchSpec(
@@ -255,9 +307,11 @@ class PodWorker:
             mounts=self._mounts(container.spec),
             run_as_user=self._security(container.spec, "runAsUser"),
             run_as_group=self._security(container.spec, "runAsGroup"),
+            hostname=self.hostname,
         )
         spec_file = self.dir / f"{container.name}.launch.json"
         spec_file.write_bytes(msgspec.json.encode(spec))
+        container.env = env
         with (self.dir / "logs" / f"{container.name}.log").open("ab") as logfile:
             container.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -271,19 +325,6 @@ class PodWorker:
             )
         container.started_at = now()
         container.state = {"running": {"startedAt": container.started_at}}
-        if container.init:
-            return None
-        # A start error shows within moments: wait for it briefly so the status says so at once.
-        try:
-            async with asyncio.timeout(0.3):
-                code = await container.process.wait()
-        except TimeoutError:
-            return None
-        if error_file.exists():
-            self._exited(container, code)
-            await self.fail("StartError", f"container {container.name!r}: {error_file.read_text()}")
-            return code
-        return None  # exited, but started: the supervisor restarts it by policy
 
     def _security(self, container: Json, field: str) -> int | None:
         """The container's securityContext value, else the pod's (as the kubelet merges them)."""
@@ -293,39 +334,49 @@ class PodWorker:
         return None
 
     def _mounts(self, container: Json) -> list[Mount]:
+        volumes = {v["name"]: v for v in self.pod["spec"].get("volumes") or []}
         mounts = []
         for mount in container.get("volumeMounts") or []:
-            source = self.dir / "volumes" / mount["name"]
-            if not source.is_dir():
+            name = mount["name"]
+            source = self.dir / "volumes" / name
+            if name not in volumes or not source.is_dir():
                 raise podspec.PodSpecError(
-                    "CreateContainerConfigError", f"volumeMount {mount['name']!r}: no such volume"
+                    "CreateContainerConfigError", f"volumeMount {name!r}: no such volume"
                 )
             sub = mount.get("subPath") or ""
             if sub.startswith("/") or ".." in Path(sub).parts:
                 raise podspec.PodSpecError(
                     "CreateContainerConfigError",
-                    f"volumeMount {mount['name']!r}: subPath {sub!r} must be a relative path "
-                    "without '..'",
+                    f"volumeMount {name!r}: subPath {sub!r} must be a relative path without '..'",
                 )
             if sub:
                 source = source / sub
                 if not source.exists():
-                    source.mkdir(parents=True)  # as the kubelet does for a missing subPath
+                    if "emptyDir" not in volumes[name]:
+                        raise podspec.PodSpecError(
+                            "CreateContainerConfigError",
+                            f"volumeMount {name!r}: subPath {sub!r} is not in the volume",
+                        )
+                    source.mkdir(parents=True)  # as the kubelet does in an emptyDir
             target = mount["mountPath"]
             if not target.startswith("/") or ".." in Path(target).parts:
                 raise podspec.PodSpecError(
                     "CreateContainerConfigError",
-                    f"volumeMount {mount['name']!r}: mountPath {target!r} must be an absolute "
+                    f"volumeMount {name!r}: mountPath {target!r} must be an absolute "
                     "path without '..'",
                 )
             self.runner.mountpoint(target, directory=source.is_dir())
-            mounts.append(Mount(str(source), target, bool(mount.get("readOnly"))))
+            # ConfigMap, Secret and downward-API content is the API server's: never writable.
+            read_only = bool(mount.get("readOnly")) or any(
+                k in volumes[name] for k in podspec.READ_ONLY_KINDS
+            )
+            mounts.append(Mount(str(source), target, read_only))
         return mounts
 
     def _exited(self, container: Container, code: int) -> None:
         error_file = self.dir / f"{container.name}.start-error"
         if error_file.exists():
-            reason, message = "StartError", error_file.read_text()
+            reason, message = "StartError", error_file.read_text(errors="replace")
             code = 128
         else:
             reason, message = ("Completed" if code == 0 else "Error"), ""
@@ -339,6 +390,9 @@ class PodWorker:
             terminated["message"] = message
         container.state = {"terminated": terminated}
         container.ready = False
+        if container.process is not None:  # what the container left running goes with it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(container.process.pid, signal.SIGKILL)
 
     async def _supervise(self, container: Container) -> None:
         backoff = 1.0
@@ -348,6 +402,12 @@ class PodWorker:
             if self._stopping:
                 return
             self._exited(container, code)
+            terminated = container.state["terminated"]
+            if terminated["reason"] == "StartError":
+                await self.fail(
+                    "StartError", f"container {container.name!r}: {terminated['message']}"
+                )
+                return
             log.info("pod %s: container %s exited with %d", self, container.name, code)
             policy = self.restart_policy
             if policy == "Never" or (policy == "OnFailure" and code == 0):
@@ -355,6 +415,8 @@ class PodWorker:
                     failed = any(c.state["terminated"]["exitCode"] != 0 for c in self.containers)
                     self.phase = "Failed" if failed else "Succeeded"
                 await self.report()
+                if self.phase in ("Failed", "Succeeded"):
+                    await self.release()
                 return
             container.last_state = container.state
             container.state = {"waiting": {"reason": "CrashLoopBackOff", "message": f"exit {code}"}}
@@ -362,34 +424,44 @@ class PodWorker:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.runner.settings.restart_backoff_max)
             container.restarts += 1
-            if await self._start(container) is not None:
-                return
+            await self._until_configured(container, functools.partial(self._launch, container))
             await self.report()
 
     # -- probes ------------------------------------------------------------------------------
 
-    async def _probe_loop(self, container: Container) -> None:
-        probe: Json = container.spec["readinessProbe"]
+    async def _probe_loop(self, container: Container, kind: str) -> None:
+        """Readiness sets `ready`; liveness kills the container after failureThreshold failures
+        in a row (its restartPolicy then decides). A probe that errors counts as failed."""
+        probe: Json = container.spec[kind]
         cap = self.runner.settings.probe_period
         period = min(float(probe.get("periodSeconds", 10)), cap)
         timeout = float(probe.get("timeoutSeconds", 1))
-        failure_threshold = int(probe.get("failureThreshold", 3))
+        failure_threshold = max(int(probe.get("failureThreshold", 3)), 1)
+        failures = 0
         await asyncio.sleep(min(float(probe.get("initialDelaySeconds", 0)), cap))
         while not self._stopping:
-            if "running" in container.state:
+            if "running" in container.state and container.process is not None:
+                process = container.process
                 try:
                     async with asyncio.timeout(timeout):
                         ok = await self._probe_once(container, probe)
-                except (TimeoutError, OSError):
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # refused, timed out, a port name that is not there
+                    log.debug("pod %s: %s of %s: %s", self, kind, container.name, exc)
                     ok = False
-                if ok:
-                    container.failures = 0
-                    container.ready = True
-                else:
-                    container.failures += 1
-                    if container.failures >= failure_threshold or not container.ready:
+                failures = 0 if ok else failures + 1
+                if kind == "readinessProbe":
+                    if ok:
+                        container.ready = True
+                    elif failures >= failure_threshold or not container.ready:
                         container.ready = False
-                await self.report()
+                    await self.report()
+                elif failures >= failure_threshold and process is container.process:
+                    log.info("pod %s: %s failed its liveness probe: killed", self, container.name)
+                    failures = 0
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
             await asyncio.sleep(period if container.ready else min(period, 0.2))
 
     async def _probe_once(self, container: Container, probe: Json) -> bool:
@@ -397,14 +469,17 @@ class PodWorker:
             assert container.process is not None
             command = probe["exec"].get("command") or []
             proc = await asyncio.create_subprocess_exec(
-                "nsenter", "-t", str(container.process.pid), "-m", "-n", "--", *command,
+                "nsenter", "-t", str(container.process.pid), "-m", "-n", "-u", "--", *command,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env=container.env, start_new_session=True,
             )  # fmt: skip
             try:
                 return await proc.wait() == 0
             finally:
-                if proc.returncode is None:
-                    proc.kill()
+                if proc.returncode is None:  # timed out: the probe and all it started go
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
         action = probe.get("tcpSocket") or probe.get("httpGet")
         if action is None:
             return True  # a probe of a kind this node does not run counts as passing
@@ -430,12 +505,11 @@ class PodWorker:
         """The pod's /etc/hosts: itself, and every Service by its DNS names (no DNS server here)."""
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost"]
         if self.ip:
-            lines.append(f"{self.ip}\t{self.name}")
-        for (ns, name), address in sorted(self.runner.service_ips().items()):
-            names = [f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc", f"{name}.{ns}"]
-            if ns == self.namespace:
-                names.append(name)
-            lines.append(f"{address}\t{' '.join(names)}")
+            lines.append(f"{self.ip}\t{self.hostname}")
+        for address, ns, names in self.runner.service_hosts():
+            short = [n.removesuffix(f".{ns}") for n in names if n.endswith(f".{ns}")]
+            shown = [*names, *short] if ns == self.namespace else names
+            lines.append(f"{address}\t{' '.join(shown)}")
         text = "\n".join(lines) + "\n"
         path = self.dir / "hosts"
         if not path.exists() or path.read_text() != text:
@@ -443,32 +517,46 @@ class PodWorker:
                 f.write(text)
 
     def write_volumes(self, config_maps: podspec.Data, secrets: podspec.Data) -> None:
-        """Write (or update) every volume's files; a changed file is replaced atomically."""
+        """Write (or update) every volume's files; a changed file is replaced atomically.
+
+        Files are staged outside the volume, so a reader never sees a half-written or stray
+        file, and get the modes the volume asks for.
+        """
+        staging = self.dir / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
         for volume in self.pod["spec"].get("volumes") or []:
             files = podspec.volume_files(self.pod, volume, config_maps, secrets)
             base = self.dir / "volumes" / volume["name"]
             base.mkdir(parents=True, exist_ok=True)
             if self._volume_files.get(volume["name"]) == files:
                 continue
+            default_mode, modes = podspec.file_modes(volume)
             for relative, content in files.items():
                 target = base / relative
+                if ".." in Path(relative).parts or Path(relative).is_absolute():
+                    raise podspec.PodSpecError(
+                        "CreateContainerConfigError",
+                        f"volume {volume['name']!r}: path {relative!r} leaves the volume",
+                    )
                 target.parent.mkdir(parents=True, exist_ok=True)
-                temporary = target.with_name(f".{target.name}.tmp")
+                temporary = staging / f"{volume['name']}.{target.name}"
                 temporary.write_bytes(content)
+                temporary.chmod(modes.get(relative, default_mode) & 0o7777)
+                if target.is_dir():
+                    shutil.rmtree(target)
                 os.replace(temporary, target)
             for gone in set(self._volume_files.get(volume["name"], {})) - set(files):
                 (base / gone).unlink(missing_ok=True)
             self._volume_files[volume["name"]] = files
 
     def refresh(self, pod: Json) -> None:
-        """The API server's copy changed: keep labels/annotations for the downward API current."""
+        """The API server's copy (or a ConfigMap or Secret) changed: keep volumes current."""
         self.pod["metadata"] = pod["metadata"]
-        if self.ip:
+        self.config_changed.set()
+        if self.ip and not self._released:
             try:
-                self.write_volumes(
-                    self.runner.config_maps(self.namespace), self.runner.secrets(self.namespace)
-                )
-            except podspec.PodSpecError as exc:
+                self._write_current_volumes()
+            except (podspec.PodSpecError, OSError) as exc:
                 log.info("pod %s: volumes keep their last content: %s", self, exc)
 
     def log_tail(self, container: str, lines: int = 5) -> str:
@@ -480,32 +568,45 @@ class PodWorker:
     # -- end ---------------------------------------------------------------------------------
 
     async def stop_processes(self, grace: float) -> None:
+        """SIGTERM to each container, SIGKILL after `grace` to everything left in the pod."""
         self._stopping = True
+        if self._retry is not None:
+            self._retry.cancel()
         processes = [c.process for c in [*self.inits, *self.containers] if c.process]
         running = [p for p in processes if p.returncode is None]
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await asyncio.gather(*(p.wait() for p in running))
-        except TimeoutError:
-            for process in running:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-            await asyncio.gather(*(p.wait() for p in running))
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        await asyncio.to_thread(kill_all_in, self.netns)
+        await asyncio.gather(*(p.wait() for p in running))
+
+    async def release(self) -> None:
+        """Free the sandbox of a pod that has finished (Failed, Succeeded): its processes and
+        network namespace. The status keeps its podIP, as the kubelet's does."""
+        if self._released:
+            return
+        self._released = True
+        if self._adding is not None:
+            with contextlib.suppress(Exception):
+                await self._adding  # a namespace being made is finished before it is removed
+        await asyncio.to_thread(self.runner.network.remove_pod, self.netns)
 
     async def terminate(self, grace: float) -> None:
-        """Stop the containers (SIGTERM, then SIGKILL after `grace`) and free the namespace."""
+        """Stop the containers (SIGTERM, then SIGKILL after `grace`) and free everything."""
         current = asyncio.current_task()
-        for task in [self.main, *self._tasks]:
-            if task is not current:
-                task.cancel()
+        tasks = [t for t in [self.main, *self._tasks] if t is not current]
+        for task in tasks:
+            task.cancel()
         await self.stop_processes(grace)
-        for task in [self.main, *self._tasks]:
-            if task is not current:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if self.netns:
-            await asyncio.to_thread(self.runner.network.remove_pod, self.netns)
-            self.netns = ""
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._released = False  # whatever happened before, make sure
+        await self.release()
+        await asyncio.to_thread(shutil.rmtree, self.dir, True)

@@ -266,16 +266,46 @@ def _projected(source: Json, data: Data, kind: str) -> dict[str, bytes]:
                 "CreateContainerConfigError",
                 f"key {item['key']!r} of {kind} {source.get('name')!r} not found",
             )
-        files[item["path"]] = values[item["key"]].encode()
+        files[item["path"]] = values[item["key"]].encode(errors="surrogateescape")
     return files
 
 
-def secret_values(secret: Json) -> dict[str, str]:
-    """A Secret's data, base64-decoded (stringData is merged into data by the API server)."""
+def secret_values(secret: Json, *, exact: bool = False) -> dict[str, str]:
+    """A Secret's data, base64-decoded (stringData is merged into data by the API server).
+
+    With `exact`, bytes that are not UTF-8 survive the round trip to a volume's files
+    (surrogateescape); without, they become U+FFFD, which is what an environment can carry.
+    """
+    errors = "surrogateescape" if exact else "replace"
     return {
-        k: base64.b64decode(v).decode(errors="replace")
-        for k, v in (secret.get("data") or {}).items()
+        k: base64.b64decode(v).decode(errors=errors) for k, v in (secret.get("data") or {}).items()
     }
+
+
+def config_map_files(config_map: Json) -> dict[str, str]:
+    """A ConfigMap's keys as a volume holds them: `data`, and `binaryData` byte for byte."""
+    files = dict(config_map.get("data") or {})
+    for key, value in (config_map.get("binaryData") or {}).items():
+        files[key] = base64.b64decode(value).decode(errors="surrogateescape")
+    return files
+
+
+READ_ONLY_KINDS = ("configMap", "secret", "downwardAPI", "projected")
+
+
+def file_modes(volume: Json) -> tuple[int, dict[str, int]]:
+    """A volume's default file mode and the modes its items set (path -> mode)."""
+    for kind in READ_ONLY_KINDS:
+        if kind in volume:
+            source = volume[kind]
+            items: list[Json] = list(source.get("items") or [])
+            for projected in source.get("sources") or []:
+                for part in projected.values():
+                    if isinstance(part, dict):
+                        items.extend(part.get("items") or [])
+            modes = {i["path"]: int(i["mode"]) for i in items if i.get("mode") is not None}
+            return int(source.get("defaultMode", 0o644)), modes
+    return 0o644, {}
 
 
 def container_port(pod: Json, port: int | str, container: Json | None = None) -> int:

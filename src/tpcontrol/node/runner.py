@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, cast
@@ -23,13 +25,20 @@ from typing import Any, cast
 import msgspec
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.node import podspec
-from tpcontrol.node.netns import NodeNetwork
+from tpcontrol.node import mountpoints, podspec
+from tpcontrol.node.netns import NodeNetwork, live_owner
 from tpcontrol.node.pods import PodWorker
 from tpcontrol.node.services import ServiceProxy, service_backends
 from tpcontrol.node.watching import Json, Key, Reflector
 
 log = logging.getLogger("tpcontrol.node")
+
+
+RUNNER_ANNOTATION = "tpcontrol.dev/node-runner"
+
+
+class NodeError(RuntimeError):
+    """The node cannot start; the message says why."""
 
 
 class NodeSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,10 +61,12 @@ class NodeRunner:
         self.core = k8s.CoreV1Api(api)
         self.settings = settings or NodeSettings()
         self.images = podspec.ImageMap.default(*self.settings.agent_images)
-        self.network = NodeNetwork(
-            f"tpn-{os.urandom(3).hex()}", ipaddress.IPv4Network(self.settings.subnet)
-        )
         self.work = Path(tempfile.mkdtemp(prefix="tpcontrol-node-", dir=_scratch()))
+        self.network = NodeNetwork(
+            f"tpn-{os.urandom(3).hex()}",
+            str(self.work),
+            ipaddress.IPv4Network(self.settings.subnet),
+        )
         self.workers: dict[Key, PodWorker] = {}
         self.proxy = ServiceProxy(self.network)
         self.changed = asyncio.Event()
@@ -74,9 +85,8 @@ class NodeRunner:
         self._binding: set[str] = set()
         self._bind_tasks: set[asyncio.Task[None]] = set()
         self._deleting: dict[Key, asyncio.Task[None]] = {}
-        self._mountpoints: list[Path] = []
         self._volume_versions: tuple[str, ...] = ()
-        self._service_ips: dict[Key, str] = {}
+        self._service_hosts: list[tuple[str, str, list[str]]] = []
 
     @property
     def name(self) -> str:
@@ -95,6 +105,7 @@ class NodeRunner:
             stale = await asyncio.to_thread(NodeNetwork.reap_stale)
             if stale:
                 log.warning("removed namespaces left by a runner that died: %s", stale)
+            await asyncio.to_thread(mountpoints.release, "")  # those of dead runners
             await asyncio.to_thread(self.network.create)
             await self._register()
             reflectors = [
@@ -131,14 +142,11 @@ class NodeRunner:
         workers = list(self.workers.values())
         self.workers.clear()
         await asyncio.gather(*(w.terminate(grace=5) for w in workers), return_exceptions=True)
-        for task in self._deleting.values():
-            task.cancel()
+        # Pods in their grace period finish it (bounded by termination_grace_max).
+        await asyncio.gather(*self._deleting.values(), return_exceptions=True)
         self.proxy.close()
         await asyncio.to_thread(self.network.destroy)
-        for path in reversed(self._mountpoints):
-            with contextlib.suppress(OSError):
-                path.rmdir() if path.is_dir() else path.unlink()
-        self._mountpoints.clear()
+        await asyncio.to_thread(mountpoints.release, self.network.prefix)
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- what pods read ----------------------------------------------------------------------
@@ -150,28 +158,36 @@ class NodeRunner:
             if ns == namespace
         }
 
-    def secrets(self, namespace: str) -> dict[str, dict[str, str]]:
+    def volume_config_maps(self, namespace: str) -> dict[str, dict[str, str]]:
+        """ConfigMaps as volumes see them (binaryData included, byte for byte)."""
         return {
-            name: podspec.secret_values(obj)
+            name: podspec.config_map_files(obj)
+            for (ns, name), obj in self.config_maps_store.objects.items()
+            if ns == namespace
+        }
+
+    def secrets(self, namespace: str, *, exact: bool = False) -> dict[str, dict[str, str]]:
+        return {
+            name: podspec.secret_values(obj, exact=exact)
             for (ns, name), obj in self.secrets_store.objects.items()
             if ns == namespace
         }
 
-    def service_ips(self) -> dict[Key, str]:
-        return dict(self._service_ips)
+    def service_hosts(self) -> list[tuple[str, str, list[str]]]:
+        """(address, namespace, DNS names) for /etc/hosts: a Service's cluster IP, or for a
+        headless Service each ready endpoint (and `<hostname>.<service>` when it has one)."""
+        return list(self._service_hosts)
 
     def mountpoint(self, target: str, *, directory: bool) -> None:
         """Make sure a mount path exists on the host (outside /tmp, which pods get fresh)."""
-        path = Path(target)
-        if path.exists() or path.is_relative_to("/tmp"):
+        if Path(target).is_relative_to("/tmp"):
             return
-        missing = [p for p in [path, *path.parents] if not p.exists()]
-        for item in reversed(missing):
-            if item == path and not directory:
-                item.touch()
-            else:
-                item.mkdir()
-            self._mountpoints.append(item)
+        try:
+            mountpoints.claim(target, self.network.prefix, directory=directory)
+        except OSError as exc:
+            raise podspec.PodSpecError(
+                "CreateContainerConfigError", f"mountPath {target!r}: {exc.strerror or exc}"
+            ) from None
 
     async def patch_status(self, namespace: str, name: str, status: Json) -> None:
         worker = self.workers.get((namespace, name))
@@ -192,12 +208,28 @@ class NodeRunner:
             "kubernetes.io/os": "linux",
             "node.kubernetes.io/tpcontrol": "true",
         }
-        node = {"metadata": {"name": self.name, "labels": labels}, "spec": {}}
+        owner = {"prefix": self.network.prefix, "pid": os.getpid(), "host": socket.gethostname()}
+        annotations = {RUNNER_ANNOTATION: json.dumps(owner)}
+        node = {
+            "metadata": {"name": self.name, "labels": labels, "annotations": annotations},
+            "spec": {},
+        }
         try:
             await self.core.create_node(cast(Any, node))
         except k8s.ApiException as exc:
             if exc.status != 409:
                 raise
+            existing = await self.core.read_node(self.name)
+            previous = json.loads(
+                (existing.metadata.annotations or {}).get(RUNNER_ANNOTATION, "{}")
+            )
+            if previous.get("host") == owner["host"] and live_owner(previous.get("prefix", "")):
+                raise NodeError(
+                    f"node {self.name!r} is already run by process {previous.get('pid')} on this "
+                    "machine: give another node name"
+                ) from None
+            patch = {"metadata": {"labels": labels, "annotations": annotations}}
+            await self.core.patch_node(self.name, cast(Any, patch))
         status = {
             "conditions": [
                 {"type": "Ready", "status": "True", "reason": "KubeletReady",
@@ -282,16 +314,32 @@ class NodeRunner:
                 worker.refresh(worker.pod)
 
     async def _sync_services(self) -> None:
-        ips = {
-            k: s["spec"]["clusterIP"]
-            for k, s in self.services.objects.items()
-            if s.get("spec", {}).get("clusterIP") not in (None, "", "None")
+        hosts: list[tuple[str, str, list[str]]] = []
+        for (ns, name), svc in sorted(self.services.objects.items()):
+            names = [f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc", f"{name}.{ns}"]
+            cluster_ip = svc.get("spec", {}).get("clusterIP")
+            if cluster_ip and cluster_ip != "None":
+                hosts.append((cluster_ip, ns, names))
+            elif cluster_ip == "None":  # headless: the ready endpoints themselves
+                subsets = self.endpoints.objects.get((ns, name), {}).get("subsets") or []
+                for subset in subsets:
+                    for address in subset.get("addresses") or []:
+                        hosts.append((address["ip"], ns, names))
+                        if address.get("hostname"):
+                            own = [f"{address['hostname']}.{n}" for n in names]
+                            hosts.append((address["ip"], ns, own))
+        # Only this node's pods (and the host) are reachable from its namespace; an endpoint
+        # of another node, or another runner's pod with the same address, is never dialled.
+        local = {worker.ip for worker in self.workers.values() if worker.ip}
+        table = {
+            frontend: [b for b in backends if b[0] in local or self.proxy.is_host(b[0])]
+            for frontend, backends in service_backends(
+                self.services.objects.values(), self.endpoints.objects
+            ).items()
         }
-        await self.proxy.sync(
-            service_backends(self.services.objects.values(), self.endpoints.objects)
-        )
-        if ips != self._service_ips:
-            self._service_ips = ips
+        await self.proxy.sync(table)
+        if hosts != self._service_hosts:
+            self._service_hosts = hosts
             for worker in self.workers.values():
                 if worker.ip:
                     worker.write_hosts()

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tpcontrol.node.netns import NodeNetwork, listen_in, socket_in
+from tpcontrol.node.netns import NetworkError, NodeNetwork, listen_in, socket_in
 from tpproxy.forward import ClientRelay
 from tpproxy.stats import StatsBook, TrafficStats
 from tpproxy.targets import ConnectorTarget, ProtocolFactory
@@ -74,27 +74,44 @@ class ServiceProxy:
         self.stats = StatsBook()
         self._frontends: dict[Frontend, _Frontend] = {}
         self._open: set[ClientRelay] = set()
+        self._addresses: set[str] = set()
 
     @property
     def frontends(self) -> dict[Frontend, list[Backend]]:
         return {k: list(v.backends) for k, v in self._frontends.items()}
 
-    def _is_host(self, address: str) -> bool:
+    def is_host(self, address: str) -> bool:
+        """An address of the host: the node's own, or loopback (hostNetwork endpoints)."""
         return address == self.network.node_ip or address.startswith("127.")
 
     async def sync(self, table: dict[Frontend, list[Backend]]) -> None:
-        """Listen on every frontend of `table`, stop listening on the others."""
-        for frontend in [f for f in self._frontends if f not in table]:
+        """Listen on every frontend of `table` that has endpoints, stop on the others.
+
+        Every cluster IP of `table` is an address of the node while its Service exists, so a
+        port with no ready endpoint (or no listener) refuses at once, as kube-proxy's REJECT
+        rule does, rather than being accepted and then reset or left to time out.
+        """
+        addresses = {frontend[0] for frontend in table}
+        for address in sorted(addresses - self._addresses):
+            try:
+                await asyncio.to_thread(self.network.add_cluster_ip, address)
+                self._addresses.add(address)
+            except (OSError, NetworkError) as exc:
+                log.error("cluster IP %s: %s", address, exc)
+        live = {frontend: backends for frontend, backends in table.items() if backends}
+        for frontend in [f for f in self._frontends if f not in live]:
             self._frontends.pop(frontend).server.close()
-            if not any(f[0] == frontend[0] for f in self._frontends):
-                await asyncio.to_thread(self.network.remove_cluster_ip, frontend[0])
-        for frontend, backends in table.items():
+        for address in sorted(self._addresses - addresses):
+            await asyncio.to_thread(self.network.remove_cluster_ip, address)
+            self._addresses.discard(address)
+        for frontend, backends in live.items():
             current = self._frontends.get(frontend)
             if current is not None:
                 current.backends = backends
                 continue
+            if frontend[0] not in self._addresses:
+                continue
             try:
-                await asyncio.to_thread(self.network.add_cluster_ip, frontend[0])
                 sock = await asyncio.to_thread(listen_in, self.network.node_ns, *frontend)
                 loop = asyncio.get_running_loop()
                 server = await loop.create_server(self._factory(frontend), sock=sock)
@@ -102,7 +119,7 @@ class ServiceProxy:
                 log.error("service %s:%d: cannot listen: %s", *frontend, exc)
                 continue
             self._frontends[frontend] = _Frontend(server, backends, itertools.count())
-            log.info("service %s:%d -> %s", *frontend, backends or "no endpoints")
+            log.info("service %s:%d -> %s", *frontend, backends)
 
     def _factory(self, frontend: Frontend) -> ProtocolFactory:
         label = f"{frontend[0]}:{frontend[1]}"
@@ -115,7 +132,7 @@ class ServiceProxy:
                 raise ConnectionRefusedError(f"service {label} has no ready endpoints")
             host, port = entry.backends[next(entry.turn) % len(entry.backends)]
             loop = asyncio.get_running_loop()
-            if self._is_host(host):
+            if self.is_host(host):
                 return await loop.create_connection(protocol_factory, "127.0.0.1", port)
             sock = socket_in(self.network.node_ns)
             try:
