@@ -73,6 +73,20 @@ def read_in_container(pid: int, path: str) -> str:
     return done.stdout
 
 
+async def written_in_container(pid: int, path: str, within: float = 10) -> str:
+    """A file as the container sees it, once the container has written something to it."""
+    async with asyncio.timeout(within):
+        while True:
+            done = await asyncio.create_subprocess_exec(
+                "nsenter", "-t", str(pid), "-m", "cat", path,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            out, _ = await done.communicate()
+            if done.returncode == 0 and out:
+                return out.decode()
+            await asyncio.sleep(0.05)
+
+
 def environ_of(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         items = f.read().split(b"\0")
@@ -93,11 +107,13 @@ def nat_rules(netns: str) -> str:
 
 
 def alive(pid: int) -> bool:
+    """Whether a process still runs (a zombie, dead but not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
         return False
-    return True
+    return state not in ("Z", "X")
 
 
 async def wait_for_pod(

@@ -330,13 +330,16 @@ class NodeRunner:
                             hosts.append((address["ip"], ns, own))
         # Only this node's pods (and the host) are reachable from its namespace; an endpoint
         # of another node, or another runner's pod with the same address, is never dialled.
-        local = {worker.ip for worker in self.workers.values() if worker.ip}
-        table = {
-            frontend: [b for b in backends if b[0] in local or self.proxy.is_host(b[0])]
-            for frontend, backends in service_backends(
-                self.services.objects.values(), self.endpoints.objects
-            ).items()
-        }
+        local = {worker.uid: worker.ip for worker in self.workers.values() if worker.ip}
+
+        def reachable(address: Json) -> bool:
+            if self.proxy.is_host(address["ip"]):
+                return True
+            target = address.get("targetRef") or {}
+            return bool(local.get(target.get("uid", "")) == address["ip"])  # our pod, by uid
+
+        endpoints = self.endpoints.objects
+        table = service_backends(self.services.objects.values(), endpoints, reachable)
         await self.proxy.sync(table)
         if hosts != self._service_hosts:
             self._service_hosts = hosts

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tpcontrol.node.netns import NetworkError, NodeNetwork, listen_in, socket_in
@@ -30,9 +30,12 @@ Backend = tuple[str, int]  # endpoint IP, port
 
 
 def service_backends(
-    services: Iterable[Json], endpoints: dict[Key, Json]
+    services: Iterable[Json],
+    endpoints: dict[Key, Json],
+    reachable: Callable[[Json], bool] = lambda address: True,
 ) -> dict[Frontend, list[Backend]]:
-    """Which endpoints each (cluster IP, port) of every TCP Service port leads to now."""
+    """Which endpoints each (cluster IP, port) of every TCP Service port leads to now; only
+    endpoint addresses for which `reachable(address)` holds are kept."""
     table: dict[Frontend, list[Backend]] = {}
     for svc in services:
         spec = svc.get("spec", {})
@@ -53,7 +56,8 @@ def service_backends(
                     if p.get("name", "") == name and p.get("protocol", "TCP") == "TCP"
                 ]
                 for address in subset.get("addresses") or []:
-                    backends.extend((address["ip"], n) for n in numbers)
+                    if reachable(address):
+                        backends.extend((address["ip"], n) for n in numbers)
             table[(cluster_ip, int(port["port"]))] = sorted(backends)
     return table
 
