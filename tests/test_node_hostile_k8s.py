@@ -293,6 +293,16 @@ def test_probes_and_specs_that_cannot_work(control_plane: LocalControlPlane) -> 
                     pod("envprobe", [env_probe]),
                     pod("workdir", [no_workdir]),
                     pod("named", [named], hostname="my-host"),
+                    pod(
+                        "hostpath",
+                        [
+                            {
+                                **sh("main", "true"),
+                                "volumeMounts": [{"name": "h", "mountPath": "/h"}],
+                            }
+                        ],
+                        volumes=[{"name": "h", "hostPath": {"path": "/etc"}}],
+                    ),
                 ):
                     await core.create_namespaced_pod(ns, cast(Any, spec))
                 await wait_for_pod(api, ns, "envprobe", ready)  # the probe sees the env
@@ -305,6 +315,11 @@ def test_probes_and_specs_that_cannot_work(control_plane: LocalControlPlane) -> 
                 failed = await wait_for_pod(api, ns, "workdir", phase("Failed"))
                 assert failed["status"]["reason"] == "StartError"
                 assert "workingDir '/no/such/dir'" in failed["status"]["message"]
+                # A spec that cannot change fails at once (no waiting on it, unlike a missing
+                # ConfigMap), and the host's files are never offered to a pod.
+                hostpath = await wait_for_pod(api, ns, "hostpath", phase("Failed"))
+                assert hostpath["status"]["reason"] == "CreateContainerConfigError"
+                assert "hostPath" in hostpath["status"]["message"]
                 # A probe on a port that does not exist: not ready, still running.
                 badport = await wait_for_pod(api, ns, "badport", phase("Running"))
                 assert not ready(badport)

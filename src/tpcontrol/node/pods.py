@@ -266,8 +266,8 @@ class PodWorker:
                     self.reason = self.message = ""
                 return
             except podspec.PodSpecError as exc:
-                if exc.reason != "CreateContainerConfigError":
-                    raise
+                if not exc.missing:
+                    raise  # the spec itself is wrong: it will not change, the pod fails
                 where = f"container {container.name!r}: " if container else ""
                 self.reason, self.message = exc.reason, f"{where}{exc}"
                 waiting = {"waiting": {"reason": exc.reason, "message": str(exc)}}
@@ -356,6 +356,7 @@ class PodWorker:
                         raise podspec.PodSpecError(
                             "CreateContainerConfigError",
                             f"volumeMount {name!r}: subPath {sub!r} is not in the volume",
+                            missing=True,  # until the ConfigMap or Secret has that key
                         )
                     source.mkdir(parents=True)  # as the kubelet does in an emptyDir
             target = mount["mountPath"]

@@ -27,9 +27,12 @@ AGENT_REPOSITORY = "docker.io/tpproxy/agent"
 class PodSpecError(ValueError):
     """The pod cannot run as specified: `reason` is the kubelet's word, the message says why."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, missing: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.missing = missing
+        """True when an object the pod refers to is missing: it may yet be created, so the
+        kubelet waits; anything else is in the (immutable) spec and will not change."""
 
 
 def repository(image: str) -> str:
@@ -177,7 +180,7 @@ def _keyed(source: Json, kind: str, data: Data) -> str | None:
         if source.get("optional"):
             return None
         what = f"{kind} {name!r}" if values is None else f"key {key!r} of {kind} {name!r}"
-        raise PodSpecError("CreateContainerConfigError", f"{what} not found")
+        raise PodSpecError("CreateContainerConfigError", f"{what} not found", missing=True)
     return values[key]
 
 
@@ -196,7 +199,9 @@ def container_env(
                     if ref.get("optional"):
                         continue
                     raise PodSpecError(
-                        "CreateContainerConfigError", f"{kind[:-3]} {ref.get('name')!r} not found"
+                        "CreateContainerConfigError",
+                        f"{kind[:-3]} {ref.get('name')!r} not found",
+                        missing=True,
                     )
                 env.update({prefix + k: v for k, v in values.items()})
     for item in container.get("env") or []:
@@ -255,7 +260,9 @@ def _projected(source: Json, data: Data, kind: str) -> dict[str, bytes]:
     if values is None:
         if source.get("optional"):
             return {}
-        raise PodSpecError("CreateContainerConfigError", f"{kind} {source.get('name')!r} not found")
+        raise PodSpecError(
+            "CreateContainerConfigError", f"{kind} {source.get('name')!r} not found", missing=True
+        )
     items = source.get("items") or [{"key": k, "path": k} for k in values]
     files = {}
     for item in items:
@@ -265,6 +272,7 @@ def _projected(source: Json, data: Data, kind: str) -> dict[str, bytes]:
             raise PodSpecError(
                 "CreateContainerConfigError",
                 f"key {item['key']!r} of {kind} {source.get('name')!r} not found",
+                missing=True,
             )
         files[item["path"]] = values[item["key"]].encode(errors="surrogateescape")
     return files
