@@ -402,7 +402,9 @@ def start_upstream(bench: Bench, env: dict[str, str]) -> tuple[Ports, HashSink]:
     """tcp mode: nginx (HTTP), iperf3 -s (bulk) and the checksum sink."""
     http_port, bulk_port, check_port = bench.port(), bench.port(), bench.port()
     t = bench.tmp
-    conf = upstream_nginx_conf(bench, f'  server {{ listen {HOST}:{http_port}; return 200 "ok"; }}\n')
+    conf = upstream_nginx_conf(
+        bench, f'  server {{ listen {HOST}:{http_port}; return 200 "ok"; }}\n'
+    )
     sp = bench.spawn("upstream-nginx", nginx_argv(conf, t, t / "upstream-error.log"), env)
     wait_listening(http_port, sp.proc, "upstream nginx", sp.log)
     ip = bench.spawn("upstream-iperf3", ["iperf3", "-s", "-B", HOST, "-p", str(bulk_port)], env)

@@ -332,3 +332,72 @@ def test_probes_and_specs_that_cannot_work(control_plane: LocalControlPlane) -> 
                 assert latest.status.phase == "Running"
 
     run(scenario(), timeout=90)
+
+
+def running(netns: str, argv: bytes) -> list[int]:
+    """The pod's processes whose command line is `argv` (NUL-separated)."""
+    found = []
+    for pid in processes_in(netns):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == argv:
+                found.append(pid)
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def test_restarts_leave_nothing_behind_and_pods_cannot_reach_the_runners_state(
+    control_plane: LocalControlPlane,
+) -> None:
+    require_root()
+
+    async def scenario() -> None:
+        async with control_plane.api() as api:
+            core = k8s.CoreV1Api(api)
+            ns = await make_namespace(api, unique("hostile"))
+            await core.create_namespaced_config_map(
+                ns, cast(Any, {"metadata": {"name": "cm"}, "data": {"k": "v"}})
+            )
+            # A node annotation that is not what a runner writes names no live runner.
+            name = unique("node")
+            await core.create_node(
+                cast(
+                    Any,
+                    {"metadata": {"name": name, "annotations": {"tpcontrol.dev/node-runner": "7"}}},
+                )
+            )
+            leaky = sh("main", "setsid sleep 1001 & sleep 0.3; exit 1")
+            sneaky = {
+                **sh("main", "sleep 300"),
+                "volumeMounts": [
+                    {"name": "cm", "mountPath": "/run/tpcontrol-node/tpn", "subPath": "k"}
+                ],
+            }
+            settings = NodeSettings(node_name=name, namespace_labels={LABEL: ns})
+            async with NodeRunner(api, settings) as node:
+                await core.create_namespaced_pod(ns, cast(Any, pod("leaky", [leaky])))
+                await core.create_namespaced_pod(
+                    ns,
+                    cast(
+                        Any,
+                        pod(
+                            "sneaky",
+                            [sneaky],
+                            volumes=[{"name": "cm", "configMap": {"name": "cm"}}],
+                        ),
+                    ),
+                )
+                failed = await wait_for_pod(api, ns, "sneaky", phase("Failed"))
+                assert "is not allowed on this node" in failed["status"]["message"]
+                assert not await asyncio.to_thread(Path("/run/tpcontrol-node/tpn").exists)
+
+                def restarted_twice(p: Json) -> bool:
+                    states = (p.get("status") or {}).get("containerStatuses") or []
+                    return bool(states) and states[0]["restartCount"] >= 2
+
+                await wait_for_pod(api, ns, "leaky", restarted_twice, within=30)
+                netns = node.workers[(ns, "leaky")].netns
+                # At most the current run's sleeper: the earlier runs' are gone.
+                assert len(await asyncio.to_thread(running, netns, b"sleep\x001001\x00")) <= 1
+
+    run(scenario(), timeout=90)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,33 @@ def test_namespaces_of_a_dead_runner_are_reaped_and_live_ones_kept() -> None:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         (netns.OWNERS_DIR / live).unlink(missing_ok=True)
         (netns.OWNERS_DIR / stale).unlink(missing_ok=True)
+
+
+def test_mount_points_are_shared_between_runners_and_forbidden_places_refused() -> None:
+    require_root()
+    from tpcontrol.node import mountpoints
+
+    users = [f"tpt-{os.urandom(3).hex()}" for _ in range(2)]
+    me = json.dumps({"pid": os.getpid(), "started": netns.start_time(os.getpid())})
+    base = Path(f"/srv/tpmp-{os.urandom(3).hex()}")
+    try:
+        for user in users:
+            (netns.OWNERS_DIR / user).parent.mkdir(parents=True, exist_ok=True)
+            (netns.OWNERS_DIR / user).write_text(me)
+        a, b = users
+        mountpoints.claim(str(base / "inner"), a, directory=True)
+        mountpoints.claim(str(base), b, directory=True)  # exists already: made by a
+        assert sorted(mountpoints.release(a)) == [str(base / "inner")]
+        assert base.is_dir()  # b still uses it: never removed under b's container
+        assert mountpoints.release(b) == [str(base)]
+        assert not base.exists()
+        for forbidden in ("/", "/proc/x", "/run/netns/x", str(netns.OWNERS_DIR / "tpn"), "/dev/x"):
+            with pytest.raises(mountpoints.MountPointError, match="not allowed"):
+                mountpoints.claim(forbidden, a, directory=True)
+        with pytest.raises(mountpoints.MountPointError, match="needs an existing file"):
+            mountpoints.claim(str(base / "file"), a, directory=False)
+        assert not base.exists()  # nothing made for a refused file mount
+    finally:
+        for user in users:
+            mountpoints.release(user)
+            (netns.OWNERS_DIR / user).unlink(missing_ok=True)

@@ -1,11 +1,12 @@
 """Mount points on the host, shared by every runner of this machine.
 
 A container's mount path must exist before anything can be mounted on it, and most (`/etc/
-traffic-agent`, `/var/run/secrets/...`) do not exist on a host. The runner creates them, empty,
-and removes them when it stops; but removing a directory that is a mount point in another
-runner's container would detach that container's volume (Linux detaches mounts on rmdir). So
-the paths a runner created are kept in one registry for the machine, with the runners using
-each, under a file lock: a path goes when its last live user does.
+traffic-agent`, `/var/run/secrets/...`) do not exist on a host. The runner creates them as empty
+directories and removes them when no runner needs them any more; removing one that is a mount
+point in another runner's container would detach that container's volume (Linux detaches mounts
+on rmdir), so every directory a runner created is kept, with the runners using it, in one
+registry for the machine, under a file lock. Only directories are ever created, never files,
+and never in the places a pod must not reach (the runners' own state, /proc, /sys, /dev, ...).
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from tpcontrol.node.netns import OWNERS_DIR, live_owner
+from tpcontrol.node.netns import NETNS_DIR, OWNERS_DIR, live_owner
 
 REGISTRY = ".mountpoints.json"
-Registry = dict[str, dict[str, list[str]]]  # path -> {"created": [...], "users": [prefix...]}
+Registry = dict[str, list[str]]  # a directory a runner created -> the runners using it
+FORBIDDEN = (Path("/proc"), Path("/sys"), Path("/dev"), Path("/boot"), NETNS_DIR, OWNERS_DIR)
+
+
+class MountPointError(ValueError):
+    """The mount path may not be used (or made) on this node; the message says why."""
 
 
 @contextlib.contextmanager
@@ -29,53 +35,64 @@ def _registry() -> Iterator[Registry]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = OWNERS_DIR / REGISTRY
         try:
-            entries: Registry = json.loads(path.read_text())
+            loaded = json.loads(path.read_text())
         except (OSError, ValueError):
-            entries = {}
+            loaded = {}
+        entries: Registry = {
+            str(k): [str(u) for u in v]
+            for k, v in (loaded.items() if isinstance(loaded, dict) else [])
+            if isinstance(v, list)
+        }
         yield entries
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(entries))
         temporary.replace(path)
 
 
+def check(target: str) -> None:
+    """Refuse mount paths that would reach the host's or the runners' own machinery."""
+    path = Path(target)
+    if path == Path("/") or any(path == f or path.is_relative_to(f) for f in FORBIDDEN):
+        raise MountPointError(f"mountPath {target!r} is not allowed on this node")
+
+
 def claim(target: str, user: str, *, directory: bool) -> None:
-    """Make `target` exist for `user` (a runner's prefix), creating what is missing."""
+    """Make `target` exist for `user` (a runner's prefix): missing directories are created
+    and registered; directories another runner created get `user` as one more user."""
+    check(target)
+    path = Path(target)
     with _registry() as entries:
-        entry = entries.get(target)
-        if entry is not None:
-            if user not in entry["users"]:
-                entry["users"].append(user)
-            return
-        path = Path(target)
-        if path.exists():
-            return  # the host's own: never removed
-        missing = [p for p in [path, *path.parents] if not p.exists()]
-        created: list[str] = []
-        try:
-            for item in reversed(missing):
-                if item == path and not directory:
-                    item.touch()
-                else:
-                    item.mkdir()
-                created.append(str(item))
-        finally:
-            if created:
-                entries[target] = {"created": created, "users": [user]}
+        missing: list[Path] = []
+        for item in [path, *path.parents]:  # deepest first
+            key = str(item)
+            if key in entries:
+                if user not in entries[key]:
+                    entries[key].append(user)
+            elif not item.exists():
+                missing.append(item)
+            else:
+                break  # the host's own from here up: never registered, never removed
+        if missing and missing[0] == path and not directory:
+            raise MountPointError(
+                f"mountPath {target!r}: a file mount needs an existing file on this node"
+            )
+        for item in reversed(missing):  # shallowest first
+            item.mkdir()
+            entries[str(item)] = [user]
 
 
 def release(user: str) -> list[str]:
-    """`user` is done; remove what no live runner uses any more. Returns the paths removed."""
+    """`user` is done; remove the directories no live runner uses any more, deepest first.
+    Returns the paths removed."""
     removed: list[str] = []
     with _registry() as entries:
-        for target, entry in list(entries.items()):
-            users = [u for u in entry["users"] if u != user and live_owner(u) is not None]
-            entry["users"] = users
+        for key in sorted(entries, key=lambda k: k.count("/"), reverse=True):
+            users = [u for u in entries[key] if u != user and live_owner(u) is not None]
             if users:
+                entries[key] = users
                 continue
-            for created in reversed(entry["created"]):
-                item = Path(created)
-                with contextlib.suppress(OSError):
-                    item.rmdir() if item.is_dir() else item.unlink()
-                    removed.append(created)
-            del entries[target]
+            with contextlib.suppress(OSError):
+                Path(key).rmdir()
+                removed.append(key)
+            del entries[key]
     return removed

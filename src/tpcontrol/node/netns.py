@@ -14,15 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -167,12 +169,26 @@ def namespaces() -> list[str]:
     return sorted(p.name for p in NETNS_DIR.iterdir())
 
 
+PREFIX = re.compile(r"tp[a-z]-[0-9a-f]{6}")  # a runner's prefix: `tpn-` and six hex digits
+
+
 def _owner(marker: Path) -> dict[str, object]:
     try:
         found = json.loads(marker.read_text())
     except (OSError, ValueError):
         return {}
+    if isinstance(found, int) and not isinstance(found, bool):  # the first format: a bare pid
+        return {"pid": found, "started": start_time(found)}
     return found if isinstance(found, dict) else {}
+
+
+@contextlib.contextmanager
+def _owners_locked() -> Iterator[None]:
+    """One runner at a time registers or reaps (a half-written marker is never judged)."""
+    OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+    with (OWNERS_DIR / ".owners.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def owner_alive(owner: dict[str, object]) -> bool:
@@ -218,9 +234,11 @@ class NodeNetwork:
 
     def create(self) -> None:
         """Make the node namespace with its bridge; the bridge has the node's address."""
-        OWNERS_DIR.mkdir(parents=True, exist_ok=True)
         owner = {"pid": os.getpid(), "started": start_time(os.getpid()), "work": self.work}
-        (OWNERS_DIR / self.prefix).write_text(json.dumps(owner))
+        with _owners_locked():
+            temporary = OWNERS_DIR / f".{self.prefix}.tmp"
+            temporary.write_text(json.dumps(owner))
+            temporary.replace(OWNERS_DIR / self.prefix)
         ip("netns", "add", self.node_ns)
         try:
             ns = self.node_ns
@@ -317,22 +335,23 @@ class NodeNetwork:
         removed: list[str] = []
         if not OWNERS_DIR.is_dir():
             return removed
-        for marker in OWNERS_DIR.iterdir():
-            if not marker.is_file() or marker.name.startswith("."):
-                continue
-            owner = _owner(marker)
-            if owner_alive(owner):
-                continue
-            prefix = marker.name
-            for name in namespaces():
-                if name == prefix or name.startswith(prefix + "-"):
-                    kill_all_in(name)
-                    NodeNetwork._delete_ns(name)
-                    removed.append(name)
-            work = str(owner.get("work") or "")
-            if work.startswith(("/dev/shm/tpcontrol-node-", "/var/tmp/tpcontrol-node-")):
-                shutil.rmtree(work, ignore_errors=True)
-            marker.unlink(missing_ok=True)
+        with _owners_locked():
+            for marker in OWNERS_DIR.iterdir():
+                if not marker.is_file() or not PREFIX.fullmatch(marker.name):
+                    continue  # not a runner's marker (whatever else put it there)
+                owner = _owner(marker)
+                if not isinstance(owner.get("pid"), int) or owner_alive(owner):
+                    continue  # unreadable: not judged; alive: not ours to reap
+                mine = re.compile(re.escape(marker.name) + r"(-p\d+)?")
+                for name in namespaces():
+                    if mine.fullmatch(name):
+                        kill_all_in(name)
+                        NodeNetwork._delete_ns(name)
+                        removed.append(name)
+                work = str(owner.get("work") or "")
+                if re.fullmatch(r"/(dev/shm|var/tmp)/tpcontrol-node-[^/]+", work):
+                    shutil.rmtree(work, ignore_errors=True)
+                marker.unlink(missing_ok=True)
         return removed
 
     @staticmethod

@@ -35,7 +35,7 @@ import msgspec
 
 from tpcontrol.node import podspec
 from tpcontrol.node.launch import LaunchSpec, Mount
-from tpcontrol.node.netns import kill_all_in, open_connection_in
+from tpcontrol.node.netns import kill_all_in, open_connection_in, processes_in
 
 if TYPE_CHECKING:
     from tpcontrol.node.runner import NodeRunner
@@ -110,7 +110,9 @@ class PodWorker:
         self.hostname = str(spec.get("hostname") or self.name)[:63].rstrip("-.")
         self.inits = [Container(c, init=True) for c in spec.get("initContainers") or []]
         self.containers = [Container(c) for c in spec.get("containers") or []]
-        self.config_changed = asyncio.Event()
+        self._config_generation = 0  # bumped on every ConfigMap/Secret/pod change
+        self._config_waiters: list[asyncio.Future[None]] = []
+        self._terminated = False
         self._reported: Json | None = None
         self._reporting = asyncio.Lock()
         self._retry: asyncio.TimerHandle | None = None
@@ -179,7 +181,7 @@ class PodWorker:
             except Exception as exc:  # the API server is away or slow: try again shortly
                 log.warning("pod %s: status not patched (%s); retrying", self, exc)
                 self._reported = None
-                if self._retry is None and not self._stopping:
+                if self._retry is None and not self._terminated:
                     self._retry = asyncio.get_running_loop().call_later(1.0, self._report_later)
                 return
             self._reported = comparable
@@ -188,6 +190,11 @@ class PodWorker:
         self._retry = None
         task = asyncio.ensure_future(self.report())
         self._tasks.append(task)
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)  # type: ignore[arg-type]
 
     # -- life --------------------------------------------------------------------------------
 
@@ -206,8 +213,8 @@ class PodWorker:
         """The pod cannot run: it is Failed with the reason, and its sandbox is released."""
         log.warning("pod %s failed: %s: %s", self, reason, message)
         self.phase, self.reason, self.message = "Failed", reason, message
+        await self.report()  # first: endpoints drop the pod before its address is freed
         await self.stop_processes(grace=2)
-        await self.report()
         await self.release()
 
     async def _run(self) -> None:
@@ -257,12 +264,16 @@ class PodWorker:
     ) -> None:
         """Run `step`; while it lacks a ConfigMap, Secret or key, wait for them to change."""
         while True:
-            self.config_changed.clear()
+            seen = self._config_generation
             try:
                 result = step()
                 if result is not None:
                     await result
-                if self.reason == "CreateContainerConfigError":
+                if self.reason == "CreateContainerConfigError" and not any(
+                    c.state.get("waiting", {}).get("reason") == "CreateContainerConfigError"
+                    for c in [*self.inits, *self.containers]
+                    if c is not container
+                ):
                     self.reason = self.message = ""
                 return
             except podspec.PodSpecError as exc:
@@ -275,7 +286,10 @@ class PodWorker:
                     c.state = waiting
                 log.info("pod %s waits: %s", self, self.message)
                 await self.report()
-            await self.config_changed.wait()
+            if self._config_generation == seen:  # nothing changed meanwhile: wait for a change
+                waiter = asyncio.get_running_loop().create_future()
+                self._config_waiters.append(waiter)
+                await waiter
 
     def _write_current_volumes(self) -> None:
         self.write_volumes(
@@ -394,6 +408,21 @@ class PodWorker:
         if container.process is not None:  # what the container left running goes with it
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(container.process.pid, signal.SIGKILL)
+            self._sweep_leftovers()
+
+    def _sweep_leftovers(self) -> None:
+        """Kill the pod's processes that belong to no running container: what an exited
+        container left behind, whatever its session (each container has a mount namespace of
+        its own; exec probes join a running container's, so they are spared)."""
+        running = set()
+        for other in [*self.inits, *self.containers]:
+            if other.process is not None and other.process.returncode is None:
+                with contextlib.suppress(OSError):
+                    running.add(os.stat(f"/proc/{other.process.pid}/ns/mnt").st_ino)
+        for pid in processes_in(self.netns):
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/ns/mnt").st_ino not in running:
+                    os.kill(pid, signal.SIGKILL)
 
     async def _supervise(self, container: Container) -> None:
         backoff = 1.0
@@ -424,8 +453,8 @@ class PodWorker:
             await self.report()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.runner.settings.restart_backoff_max)
-            container.restarts += 1
             await self._until_configured(container, functools.partial(self._launch, container))
+            container.restarts += 1
             await self.report()
 
     # -- probes ------------------------------------------------------------------------------
@@ -438,11 +467,16 @@ class PodWorker:
         period = min(float(probe.get("periodSeconds", 10)), cap)
         timeout = float(probe.get("timeoutSeconds", 1))
         failure_threshold = max(int(probe.get("failureThreshold", 3)), 1)
+        delay = min(float(probe.get("initialDelaySeconds", 0)), cap)
         failures = 0
-        await asyncio.sleep(min(float(probe.get("initialDelaySeconds", 0)), cap))
+        probed: asyncio.subprocess.Process | None = None
         while not self._stopping:
             if "running" in container.state and container.process is not None:
                 process = container.process
+                if process is not probed:  # a (re)started container: counts start afresh
+                    probed, failures = process, 0
+                    await asyncio.sleep(delay)
+                    continue
                 try:
                     async with asyncio.timeout(timeout):
                         ok = await self._probe_once(container, probe)
@@ -553,7 +587,11 @@ class PodWorker:
     def refresh(self, pod: Json) -> None:
         """The API server's copy (or a ConfigMap or Secret) changed: keep volumes current."""
         self.pod["metadata"] = pod["metadata"]
-        self.config_changed.set()
+        self._config_generation += 1
+        waiters, self._config_waiters = self._config_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         if self.ip and not self._released:
             try:
                 self._write_current_volumes()
@@ -571,8 +609,6 @@ class PodWorker:
     async def stop_processes(self, grace: float) -> None:
         """SIGTERM to each container, SIGKILL after `grace` to everything left in the pod."""
         self._stopping = True
-        if self._retry is not None:
-            self._retry.cancel()
         processes = [c.process for c in [*self.inits, *self.containers] if c.process]
         running = [p for p in processes if p.returncode is None]
         for process in running:
@@ -600,6 +636,9 @@ class PodWorker:
 
     async def terminate(self, grace: float) -> None:
         """Stop the containers (SIGTERM, then SIGKILL after `grace`) and free everything."""
+        self._terminated = True
+        if self._retry is not None:
+            self._retry.cancel()
         current = asyncio.current_task()
         tasks = [t for t in [self.main, *self._tasks] if t is not current]
         for task in tasks:

@@ -184,6 +184,8 @@ class NodeRunner:
             return
         try:
             mountpoints.claim(target, self.network.prefix, directory=directory)
+        except mountpoints.MountPointError as exc:
+            raise podspec.PodSpecError("CreateContainerConfigError", str(exc)) from None
         except OSError as exc:
             raise podspec.PodSpecError(
                 "CreateContainerConfigError", f"mountPath {target!r}: {exc.strerror or exc}"
@@ -220,16 +222,36 @@ class NodeRunner:
             if exc.status != 409:
                 raise
             existing = await self.core.read_node(self.name)
-            previous = json.loads(
-                (existing.metadata.annotations or {}).get(RUNNER_ANNOTATION, "{}")
-            )
-            if previous.get("host") == owner["host"] and live_owner(previous.get("prefix", "")):
+            try:
+                previous = json.loads(
+                    (existing.metadata.annotations or {}).get(RUNNER_ANNOTATION, "{}")
+                )
+            except ValueError:
+                previous = {}
+            if not isinstance(previous, dict):
+                previous = {}  # whatever it is, it names no live runner
+            prefix = str(previous.get("prefix", ""))
+            if previous.get("host") == owner["host"] and prefix and live_owner(prefix):
                 raise NodeError(
                     f"node {self.name!r} is already run by process {previous.get('pid')} on this "
                     "machine: give another node name"
                 ) from None
-            patch = {"metadata": {"labels": labels, "annotations": annotations}}
-            await self.core.patch_node(self.name, cast(Any, patch))
+            # Taken over only if nobody else took it meanwhile (the resourceVersion we read).
+            patch = {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": annotations,
+                    "resourceVersion": existing.metadata.resource_version,
+                }
+            }
+            try:
+                await self.core.patch_node(self.name, cast(Any, patch))
+            except k8s.ApiException as conflict:
+                if conflict.status == 409:
+                    raise NodeError(
+                        f"node {self.name!r} was taken by another runner just now"
+                    ) from None
+                raise
         status = {
             "conditions": [
                 {"type": "Ready", "status": "True", "reason": "KubeletReady",
