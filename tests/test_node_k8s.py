@@ -393,6 +393,12 @@ def test_containers_run_as_the_security_context_says(control_plane: LocalControl
                 await wait_for_pod(api, ns, "nobody", ready)
                 process = node.workers[(ns, "nobody")].containers[0].process
                 assert process is not None
-                assert ids_of(process.pid) == {"Uid": "65534", "Gid": "65533"}
+                # Ready means started: the launcher may not have switched user and exec'd yet.
+                async with asyncio.timeout(10):
+                    while ids_of(process.pid) != {"Uid": "65534", "Gid": "65533"}:
+                        await asyncio.sleep(0.05)
+                assert (
+                    await asyncio.to_thread(Path(f"/proc/{process.pid}/exe").resolve)
+                ).name == "sleep"
 
     run(scenario(), timeout=60)
