@@ -16,7 +16,7 @@ from typing import Any, cast
 from kubernetes_asyncio import client as k8s
 
 from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.node.netns import namespaces
+from tpcontrol.node.netns import namespaces, processes_in
 
 from .helpers import run
 from .k8s_helpers import LABEL, deployment, make_namespace, service, unique
@@ -62,20 +62,6 @@ def root_network() -> tuple[str, str, str]:
 
     links = "\n".join(sorted(line.split("link/")[0] for line in ip("-o", "link").splitlines()))
     return links, ip("-o", "addr"), ip("route")
-
-
-def processes_in(netns: str) -> list[int]:
-    """The processes whose network namespace is `netns` (a pod's containers)."""
-    inode = (Path("/run/netns") / netns).stat().st_ino
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "ns" / "net").stat().st_ino == inode:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def test_a_pod_runs_as_its_spec_says_and_sees_its_configmap_change(
