@@ -40,8 +40,12 @@ def tpcontrol(*args: str) -> Awaitable[asyncio.subprocess.Process]:
 PROBE = """
 import os, sys, time, urllib.request
 request = urllib.request.Request("http://{host}:{port}/through", headers={{"x-dev": "alice"}})
+body = ""
 for attempt in range(100):  # ACTIVE can come while the old pod (no agent) still serves
-    body = urllib.request.urlopen(request, timeout=10).read().decode()
+    try:
+        body = urllib.request.urlopen(request, timeout=10).read().decode()
+    except OSError as exc:  # refused or reset while the rollout swaps the endpoints
+        body = repr(exc)
     if body.startswith("dev"):
         break
     time.sleep(0.2)

@@ -17,6 +17,7 @@ import ctypes
 import fcntl
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,10 +25,13 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+log = logging.getLogger("tpcontrol.node")
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
@@ -356,5 +360,15 @@ class NodeNetwork:
 
     @staticmethod
     def _delete_ns(name: str) -> None:
-        if (NETNS_DIR / name).exists():
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        """Delete a namespace's name; retried briefly (the kernel can answer EBUSY while the
+        last of its processes are still being torn down), then logged if it stays."""
+        error = ""
+        for attempt in range(20):
+            if not (NETNS_DIR / name).exists():
+                return
+            done = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+            if done.returncode == 0:
+                return
+            error = done.stderr.strip()
+            time.sleep(0.05 * (attempt + 1))
+        log.warning("network namespace %s could not be deleted: %s", name, error)
