@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -141,9 +140,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached: execve replaced this process
 
 
-def run() -> Any:
-    raise SystemExit(main())
-
-
 if __name__ == "__main__":
-    run()
+    raise SystemExit(main())

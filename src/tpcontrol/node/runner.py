@@ -291,7 +291,6 @@ class NodeRunner:
         return all(mine.get(k) == v for k, v in selector.items())
 
     async def _reconcile(self) -> None:
-        await self._sync_services()
         ours: dict[Key, Json] = {}
         for pod_key, pod in list(self.pods.objects.items()):
             node = pod["spec"].get("nodeName")
@@ -334,6 +333,8 @@ class NodeRunner:
             self._volume_versions = versions
             for worker in self.workers.values():
                 worker.refresh(worker.pod)
+        # Last: the pods that stop in this pass are no longer anyone's endpoint.
+        await self._sync_services()
 
     async def _sync_services(self) -> None:
         hosts: list[tuple[str, str, list[str]]] = []

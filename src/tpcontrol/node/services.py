@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -125,6 +126,23 @@ class ServiceProxy:
             self._frontends[frontend] = _Frontend(server, backends, itertools.count())
             log.info("service %s:%d -> %s", *frontend, backends)
 
+    def _node_socket(self) -> socket.socket:
+        """A socket in the node's namespace, bound to the node's address: the bind proves it is
+        there (elsewhere that address does not exist), and a socket that is not is made again."""
+        for _attempt in range(3):
+            sock = socket_in(self.network.node_ns)
+            try:
+                sock.bind((self.network.node_ip, 0))
+                return sock
+            except OSError as exc:
+                sock.close()
+                log.error(
+                    "a socket for %s was not in its namespace (%s); again",
+                    self.network.node_ns,
+                    exc,
+                )
+        raise OSError(f"cannot open a socket in network namespace {self.network.node_ns}")
+
     def _factory(self, frontend: Frontend) -> ProtocolFactory:
         label = f"{frontend[0]}:{frontend[1]}"
 
@@ -138,9 +156,17 @@ class ServiceProxy:
             loop = asyncio.get_running_loop()
             if self.is_host(host):
                 return await loop.create_connection(protocol_factory, "127.0.0.1", port)
-            sock = socket_in(self.network.node_ns)
+            sock = self._node_socket()
             try:
-                await loop.sock_connect(sock, (host, port))
+                # Inside the relay's own timeout, so that what failed names the endpoint.
+                async with asyncio.timeout(self.connect_timeout * 0.9):
+                    await loop.sock_connect(sock, (host, port))
+            except TimeoutError:
+                sock.close()
+                raise TimeoutError(f"endpoint {host}:{port} did not answer") from None
+            except OSError as exc:
+                sock.close()
+                raise OSError(exc.errno, f"endpoint {host}:{port}: {exc.strerror}") from None
             except BaseException:
                 sock.close()
                 raise
