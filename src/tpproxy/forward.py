@@ -213,7 +213,7 @@ class ClientRelay(_Relay):
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return "timed out"
+        return str(exc) or "timed out"  # a connector's own timeout may name what it waited on
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
