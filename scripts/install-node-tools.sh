@@ -1,14 +1,30 @@
 #!/bin/bash
-# What the local node (tpcontrol node, tpcontrol demo) and tel-agent-init need on the host:
-# iproute2 (ip netns, veth, bridge), iptables (the init container's rules inside pod namespaces)
-# and nsenter (util-linux, for exec probes). Idempotent: installs only what is missing. Needs root.
+# What the local cluster's node and image builds need on the host, from Debian: containerd,
+# runc and the CNI plugins (the container runtime kubelet drives), buildah and mmdebstrap (the
+# project's images, built with no registry), iproute2 (the node's network namespace and veth),
+# iptables and conntrack (kube-proxy), util-linux (nsenter). Idempotent: installs only what is
+# missing. Needs root. kubelet, kube-proxy and kube-scheduler come from install-k8s-testbin.sh.
 set -euo pipefail
 missing=()
-command -v ip >/dev/null || missing+=(iproute2)
-command -v iptables >/dev/null || missing+=(iptables)
-command -v nsenter >/dev/null || missing+=(util-linux)
+need() { command -v "$1" >/dev/null 2>&1 || [ -e "$1" ] || missing+=("$2"); }
+need ip iproute2
+need iptables iptables
+need nsenter util-linux
+need containerd containerd
+need runc runc
+need /usr/lib/cni/bridge containernetworking-plugins
+need buildah buildah
+need mmdebstrap mmdebstrap
+need conntrack conntrack
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 echo "installing ${missing[*]}" >&2
+# Debian's containerd package would start a system containerd on a systemd host; the cluster
+# runs its own. While installing, policy-rc.d forbids starting services (if none is there).
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod 755 /usr/sbin/policy-rc.d
+  trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 $SUDO apt-get update -qq
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tpcontrol.localcluster import LocalControlPlane, missing_binaries
+
+from .cluster_helpers import ClusterUnderTest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_NAME = "tests"  # its own name, network and paths: a demo may run beside the tests
 
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if soft != resource.RLIM_INFINITY and soft < 8192:
@@ -30,3 +37,29 @@ def control_plane() -> Iterator[LocalControlPlane]:
         pytest.skip(message + " (run scripts/install-k8s-testbin.sh)")
     with LocalControlPlane() as plane:
         yield plane
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterUnderTest]:
+    """A real cluster for the whole session: control plane, kubelet, containerd, kube-proxy,
+    the project's images, and the product installed from deploy/. One namespace per test.
+
+    Missing tools, binaries or root skip these tests on a developer's machine but fail them
+    under CI, whose .ci/run installs everything (scripts/install-*.sh) and runs as root."""
+    from tpcontrol.localcluster import images
+    from tpcontrol.localcluster.cluster import LocalCluster, missing_tools
+    from tpcontrol.localcluster.install import install
+
+    missing = [] if os.geteuid() == 0 else ["root"]
+    missing += missing_tools() + images.missing_tools()
+    if missing:
+        message = "no local cluster: missing " + ", ".join(dict.fromkeys(missing))
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI must install them: scripts/install-*.sh, as root)")
+        pytest.skip(message + " (run scripts/install-node-tools.sh and install-k8s-testbin.sh)")
+    say = logging.getLogger("tests.cluster").info
+    built = images.build_images(ROOT, progress=say)
+    archives = [built.pause.archive, built.product.archive, built.examples.archive]
+    with LocalCluster(images=archives, name=CLUSTER_NAME, progress=say) as local:
+        install(local, ROOT, built.product.ref)
+        yield ClusterUnderTest(local, built)

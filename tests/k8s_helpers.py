@@ -14,7 +14,6 @@ from kubernetes_asyncio import client as k8s
 
 from tpcontrol.agentconfig import GeneratorSettings
 from tpcontrol.localcluster import wait_for_service_account
-from tpcontrol.localstack import Stack, running_stack, until_webhook_called
 from tpcontrol.webhook import (
     Injector,
     ReloadingTls,
@@ -41,6 +40,34 @@ async def make_namespace(api: k8s.ApiClient, name: str) -> str:
     await core.create_namespace(cast(Any, {"metadata": {"name": name, "labels": {LABEL: name}}}))
     await wait_for_service_account(api, name)
     return name
+
+
+def admissions(server: WebhookServer) -> float:
+    """How many admission requests the webhook has answered."""
+    return sum(
+        sample.value
+        for metric in server.registry.collect()
+        if metric.name == "tpcontrol_admission_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def until_webhook_called(
+    api: k8s.ApiClient, server: WebhookServer, namespace: str, within: float = 30
+) -> None:
+    """Dry-run pods until the API server has called the webhook: it picks a new
+    MutatingWebhookConfiguration up a moment after it is created."""
+    core = k8s.CoreV1Api(api)
+    probe = {
+        "metadata": {"name": "webhook-probe"},
+        "spec": {"containers": [{"name": "c", "image": "probe"}]},
+    }
+    async with asyncio.timeout(within):
+        while admissions(server) == 0:
+            await core.create_namespaced_pod(namespace, cast(Any, probe), dry_run="All")
+            if admissions(server) == 0:
+                await asyncio.sleep(0.1)
 
 
 @asynccontextmanager
@@ -80,30 +107,20 @@ async def wait_for_pods(
     count: int,
     ready: Callable[[list[Json]], bool] = lambda pods: True,
     within: float = 60,
+    count_live: bool = False,
 ) -> list[Json]:
-    """The namespace's pods matching `selector` once there are `count` and `ready(pods)` holds."""
+    """The namespace's pods matching `selector` once there are `count` and `ready(pods)` holds.
+    With `count_live`, only pods not being deleted are counted (kubelet confirms a deletion
+    seconds after the pod's containers have stopped), but all are returned."""
     core = k8s.CoreV1Api(api)
     async with asyncio.timeout(within):
         while True:
             listed = await core.list_namespaced_pod(namespace, label_selector=selector)
             pods: list[Json] = [api.sanitize_for_serialization(p) for p in listed.items]
-            if len(pods) == count and ready(pods):
+            counted = [p for p in pods if not (count_live and p["metadata"].get("deletionTimestamp"))]
+            if len(counted) == count and ready(pods):
                 return pods
             await asyncio.sleep(0.1)
-
-
-@asynccontextmanager
-async def stack_for(api: k8s.ApiClient, namespace: str, **options: Any) -> AsyncIterator[Stack]:
-    """Manager, webhook and node acting on `namespace` only (made with `make_namespace`)."""
-    async with running_stack(
-        api,
-        probe_namespace=namespace,
-        manager_namespace=unique("tm"),
-        namespace_labels={LABEL: namespace},
-        node_name=unique("node"),
-        **options,
-    ) as stack:
-        yield stack
 
 
 def deployment(

@@ -231,6 +231,22 @@ def test_webhook_config_command(tmp_path: Path) -> None:
         "port": 443,
     }
     assert "ambassador" in hook["namespaceSelector"]["matchExpressions"][0]["values"]
+    # Without --ca-file: no caBundle, as in deploy/ (the injector writes its own CA there).
+    bare = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tpcontrol",
+            "webhook-config",
+            "--service",
+            "ambassador/agent-injector",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (hook,) = json.loads(bare.stdout)["webhooks"]
+    assert "caBundle" not in hook["clientConfig"]
     bad = subprocess.run(
         [
             sys.executable,

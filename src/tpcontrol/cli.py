@@ -7,6 +7,7 @@ TPCONTROL_AGENT_IMAGE); an option given on the command line wins.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,25 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get("TPCONTROL_" + name.upper().replace("-", "_"), default)
 
 
+def _manager_options(parser: argparse.ArgumentParser) -> None:
+    """How a developer's command reaches the traffic-manager: by default through the cluster's
+    API (a kubectl port-forward to the manager's Service, with the user's kubeconfig)."""
+    parser.add_argument(
+        "--port-forward",
+        default=_env("port-forward", "ambassador/traffic-manager"),
+        metavar="NAMESPACE/SERVICE",
+        help="the manager's Service, reached through a kubectl port-forward started here "
+        "(default ambassador/traffic-manager)",
+    )
+    parser.add_argument(
+        "--manager",
+        default=_env("manager"),
+        metavar="URL",
+        help="reach the manager's API at URL directly instead (no port-forward)",
+    )
+    parser.add_argument("--kubeconfig", default=_env("kubeconfig"))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpcontrol", description="Control traffic intercepts.")
     parser.add_argument("--version", action="version", version=f"tpcontrol {__version__}")
@@ -41,8 +61,21 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the whole intercept flow on a control plane of this machine (needs root): "
-        "a workload, two developers sharing a port by header, a TCP intercept, leave, uninstall",
+        help="the whole intercept flow on a Kubernetes cluster of this machine (needs root): "
+        "the product installed from deploy/, a workload, two developers sharing a port by "
+        "header, a TCP intercept, leave, uninstall",
+    )
+    demo.add_argument(
+        "--source",
+        type=Path,
+        default=Path(_env("source", ".") or "."),
+        help="the project's checkout: its Containerfiles, deploy/ and examples/ (default .)",
+    )
+    demo.add_argument(
+        "--cluster-name",
+        default=_env("cluster-name", "tpcontrol"),
+        help="the local cluster's name: its network namespace, address, paths and cgroups "
+        "are named after it, so the tests' cluster can run beside it (default tpcontrol)",
     )
     demo.add_argument(
         "--engine-only",
@@ -51,23 +84,62 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--requests", type=int, default=3, help="requests sent per step (1-100)")
 
-    hook = sub.add_parser("webhook", help="run the agent-injector admission webhook (HTTPS)")
+    hook = sub.add_parser(
+        "webhook",
+        help="run the agent-injector admission webhook (HTTPS)",
+        description="Certificates: tls.crt and tls.key in --tls-dir win when both exist (yours: "
+        "served and reloaded when they change; no Secret and no caBundle is touched). Otherwise, "
+        "with --self-signed, a CA and certificate are made there. Otherwise (the default, as "
+        "deploy/ runs it) the injector keeps a CA and certificate in the Secret --tls-secret of "
+        "--manager-namespace, writes the CA into the caBundle of --webhook-configuration, and "
+        "renews both before they expire.",
+    )
     hook.add_argument("--listen", default=_env("listen", "0.0.0.0:8443"), metavar="HOST:PORT")
     hook.add_argument(
         "--tls-dir",
         default=_env("tls-dir", "/var/run/secrets/tls"),
-        help="tls.crt and tls.key here (reloaded when they change)",
+        help="your own tls.crt and tls.key here win over the Secret (reloaded when they change)",
     )
     hook.add_argument(
         "--self-signed",
         action="store_true",
-        help="make a CA and certificate in --tls-dir if tls.crt is missing",
+        help="make a CA and certificate in --tls-dir if tls.crt is missing (no Secret)",
+    )
+    # Defaults of these three are tpcontrol.injector_tls's constants (imported only when the
+    # webhook runs, to keep the other commands quick); the help names them for people.
+    hook.add_argument(
+        "--tls-secret",
+        default=_env("tls-secret"),
+        metavar="NAME",
+        help="the Secret that holds the CA and certificate (default mutator-webhook-tls; '' to "
+        "require --tls-dir)",
+    )
+    hook.add_argument(
+        "--webhook-configuration",
+        default=_env("webhook-configuration"),
+        metavar="NAME",
+        help="the MutatingWebhookConfiguration whose caBundle gets the CA (default "
+        "agent-injector-webhook; '' to write none)",
+    )
+    hook.add_argument(
+        "--service",
+        default=_env("service"),
+        metavar="NAME",
+        help="the injector's Service: the certificate is for NAME.NAMESPACE.svc (default "
+        "agent-injector)",
+    )
+    hook.add_argument(
+        "--tls-check-interval",
+        type=float,
+        default=float(_env("tls-check-interval", "60") or 60),
+        metavar="SECONDS",
+        help="how often the Secret and the caBundle are checked and renewals decided (60)",
     )
     hook.add_argument(
         "--tls-name",
         action="append",
         default=[],
-        help="DNS name for a self-signed certificate (repeatable)",
+        help="another DNS name or IP address for the certificate (repeatable)",
     )
     hook.add_argument("--kubeconfig", default=_env("kubeconfig"))
     _generator_options(hook)
@@ -95,14 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     icept.add_argument("--name", default="", help="intercept name (default WORKLOAD-PORT)")
     icept.add_argument("--env-file", help="write the container's environment here")
     icept.add_argument("--wait", type=float, default=120, help="seconds to wait for ACTIVE")
-    icept.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
-    icept.add_argument(
-        "--port-forward",
-        default=_env("port-forward"),
-        metavar="NAMESPACE/SERVICE",
-        help="reach the manager through a kubectl port-forward started here",
-    )
-    icept.add_argument("--kubeconfig", default=_env("kubeconfig"))
+    _manager_options(icept)
     icept.epilog = (
         "After `--`, a COMMAND to run with the container's environment; the "
         "intercept ends when it does."
@@ -116,39 +181,20 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--method", default="GET")
     explain.add_argument("--path", default="/")
     explain.add_argument("--header", "-H", action="append", default=[], metavar="NAME: VALUE")
-    explain.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
+    _manager_options(explain)
 
     leave = sub.add_parser("leave", help="end a running `tpcontrol intercept` by its name")
     leave.add_argument("name")
 
     listing = sub.add_parser("list", help="list the intercepts the manager knows")
-    listing.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
+    _manager_options(listing)
 
     uninstall = sub.add_parser("uninstall", help="remove the agent from a workload (or all)")
     uninstall.add_argument("workload", nargs="?", default="")
     uninstall.add_argument("--all", action="store_true", help="every workload of the namespace")
     uninstall.add_argument("--namespace", "-n", default=_env("namespace", "default"))
-    uninstall.add_argument("--manager", default=_env("manager", "http://127.0.0.1:8081"))
+    _manager_options(uninstall)
 
-    node = sub.add_parser(
-        "node",
-        help="run a local node for a test API server: binds pods, runs them as processes in "
-        "network namespaces of their own, serves Services (needs root and iproute2)",
-    )
-    node.add_argument("--kubeconfig", default=_env("kubeconfig"))
-    node.add_argument("--node-name", default=_env("node-name", "tpcontrol-node"))
-    node.add_argument(
-        "--namespace-label",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="run only pods of namespaces with this label (repeatable; default: every namespace)",
-    )
-    node.add_argument("--subnet", default=_env("subnet", "10.244.0.0/16"), help="pod addresses")
-    node.add_argument(
-        "--agent-image", dest="node_agent_images", action="append", default=[],
-        help="another image name that runs `tpproxy` (repeatable)",
-    )  # fmt: skip
     manager = sub.add_parser("manager", help="run the traffic-manager (HTTP API on --listen)")
     manager.add_argument("--listen", default=_env("listen", "0.0.0.0:8081"), metavar="HOST:PORT")
     manager.add_argument("--kubeconfig", default=_env("kubeconfig"))
@@ -163,7 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     _generator_options(manager)
 
     config = sub.add_parser(
-        "webhook-config", help="print the MutatingWebhookConfiguration to apply (JSON)"
+        "webhook-config",
+        help="print a MutatingWebhookConfiguration to apply (JSON); deploy/ has its own, whose "
+        "caBundle the injector fills",
     )
     target = config.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="https URL of the webhook (…/traffic-agent)")
@@ -172,7 +220,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAMESPACE/NAME[:PORT]",
         help="the webhook's Service (port defaults to 443)",
     )
-    config.add_argument("--ca-file", required=True, type=Path, help="the CA that signed the cert")
+    config.add_argument(
+        "--ca-file",
+        type=Path,
+        help="the CA that signed the certificate; without it there is no caBundle (an injector "
+        "that keeps its TLS in a Secret writes it)",
+    )
     return parser
 
 
@@ -192,11 +245,18 @@ def _fail(message: str) -> int:
 
 
 async def _run_webhook(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
+    import aiohttp
+
     from tpcontrol.agentconfig import GeneratorSettings
+    from tpcontrol.injector_tls import InjectorTls, TlsBootstrapError, TlsSettings
     from tpcontrol.kube import api_client
     from tpcontrol.webhook import (
         Injector,
         ReloadingTls,
+        SwitchingTls,
         WebhookServer,
         WebhookSettings,
         self_signed,
@@ -207,10 +267,41 @@ async def _run_webhook(args: argparse.Namespace) -> int:
     listen = Address.parse(args.listen)
     tls_dir = Path(args.tls_dir)
     cert, key = tls_dir / "tls.crt", tls_dir / "tls.key"
-    if not cert.exists() or not key.exists():
-        if not args.self_signed:
-            return _fail(f"{cert} or {key} is missing (give --self-signed to make them)")
+    files: SwitchingTls | None = None
+    tls_settings: TlsSettings | None = None
+    if cert.exists() and key.exists():  # brought by the user: they win, nothing is written
+        files = ReloadingTls(cert, key)
+    elif args.self_signed:
         self_signed(tls_dir, listen.host, args.tls_name or ["agent-injector"])
+        files = ReloadingTls(cert, key)
+    elif args.tls_secret == "":
+        return _fail(f"{cert} or {key} is missing and --tls-secret is empty (nothing to serve)")
+    else:
+        given = {
+            "secret": args.tls_secret,
+            "webhook_configuration": args.webhook_configuration,
+            "service": args.service,
+        }
+        try:
+            tls_settings = TlsSettings(
+                namespace=args.manager_namespace,
+                extra_names=tuple(args.tls_name),
+                check_interval=args.tls_check_interval,
+                overlap=datetime.timedelta(seconds=max(600.0, 3 * args.tls_check_interval)),
+                **{k: v for k, v in given.items() if v is not None},
+            )
+        except ValueError as exc:  # name the flag as well as the field
+            flags = {
+                "namespace": "--manager-namespace",
+                "secret": "--tls-secret",
+                "webhook_configuration": "--webhook-configuration",
+                "service": "--service",
+                "extra_names": "--tls-name",
+                "check_interval": "--tls-check-interval",
+                "overlap": "--tls-check-interval",
+            }
+            field = str(exc).partition(":")[0].removeprefix("TlsSettings.")
+            return _fail(f"{flags[field]}: {exc}" if field in flags else str(exc))
     settings = WebhookSettings(
         GeneratorSettings(
             agent_image=args.agent_image,
@@ -223,9 +314,30 @@ async def _run_webhook(args: argparse.Namespace) -> int:
     )
     async with api_client(args.kubeconfig) as api:
         server = WebhookServer(Injector(api, settings))
-        runner, port = await start(server, listen.host, listen.port, ReloadingTls(cert, key))
+        checks: asyncio.Task[None] | None = None
+        if tls_settings is None:
+            assert files is not None
+            tls = files
+        else:
+            bootstrap = InjectorTls(api, tls_settings)
+            try:
+                await bootstrap.reconcile()
+            except TlsBootstrapError as exc:
+                print(f"tpcontrol: error: {exc}", file=sys.stderr)
+                return 1
+            except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+                print(f"tpcontrol: error: cannot reach the API server: {exc}", file=sys.stderr)
+                return 1
+            bootstrap.register_metrics(server.registry)
+            tls = bootstrap.tls
+            checks = asyncio.create_task(bootstrap.run())
+        runner, port = await start(server, listen.host, listen.port, tls)
         print(f"agent injector listening on https://{listen.host}:{port}/traffic-agent", flush=True)
         await until_signalled()
+        if checks is not None:
+            checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checks
         await runner.cleanup()
     return 0
 
@@ -256,9 +368,20 @@ async def _run_manager(args: argparse.Namespace) -> int:
 
 
 async def _admin(args: argparse.Namespace) -> int:
+    from tpcontrol.portforward import ForwardError, ManagerForward
+
+    if args.manager:
+        return await _admin_at(args, args.manager.rstrip("/"))
+    try:
+        async with ManagerForward(args.port_forward, args.kubeconfig) as forward:
+            return await _admin_at(args, forward.url)
+    except ForwardError as exc:
+        return _fail(str(exc))
+
+
+async def _admin_at(args: argparse.Namespace, base: str) -> int:
     import aiohttp
 
-    base = args.manager.rstrip("/")
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             if args.command == "list":
@@ -321,12 +444,14 @@ def _explain(args: argparse.Namespace, listed: list[dict[str, object]]) -> int:
 def _webhook_config(args: argparse.Namespace) -> int:
     from tpcontrol.webhook import webhook_configuration
 
-    try:
-        ca = args.ca_file.read_bytes()
-    except OSError as exc:
-        return _fail(f"--ca-file {args.ca_file}: {exc.strerror or exc}")
-    if b"BEGIN CERTIFICATE" not in ca:
-        return _fail(f"--ca-file {args.ca_file}: not a PEM certificate")
+    ca: bytes | None = None
+    if args.ca_file is not None:
+        try:
+            ca = args.ca_file.read_bytes()
+        except OSError as exc:
+            return _fail(f"--ca-file {args.ca_file}: {exc.strerror or exc}")
+        if b"BEGIN CERTIFICATE" not in ca:
+            return _fail(f"--ca-file {args.ca_file}: not a PEM certificate")
     if args.url:
         if not args.url.startswith("https://"):
             return _fail(f"--url {args.url!r}: must be an https:// URL")
@@ -363,13 +488,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tpcontrol.demo import run_demo
 
             return uvloop.run(run_demo(args.requests))
-        from tpcontrol.clusterdemo import run_cluster_demo
+        from tpcontrol.localcluster.demo import run_cluster_demo
 
         # The demo tells its own story; component logs show from warnings up unless asked.
         explicit = "--log-level" in words or os.environ.get("TPCONTROL_LOG_LEVEL")
         setup_logging(args.log_level if explicit else "warning", args.log_format)
         try:
-            return uvloop.run(run_cluster_demo(args.requests))
+            return uvloop.run(
+                run_cluster_demo(args.source.resolve(), args.requests, args.cluster_name)
+            )
         except KeyboardInterrupt:  # the demo has torn down what it started
             return 130
     setup_logging(args.log_level, args.log_format)
@@ -377,10 +504,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return uvloop.run(_run_webhook(args))
     if args.command == "manager":
         return uvloop.run(_run_manager(args))
-    if args.command == "node":
-        from tpcontrol.node.main import run_node
-
-        return uvloop.run(run_node(args))
     if args.command == "intercept":
         from tpcontrol.intercept import run_intercept
 

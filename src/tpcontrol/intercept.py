@@ -23,9 +23,11 @@ import msgspec
 
 from tpcontrol.client import TunnelClient
 from tpcontrol.lifecycle import until_signalled
+from tpcontrol.portforward import ForwardError, ManagerForward
 from tpproxy.specs import HeaderMatch, PathMatch
 
 HEARTBEAT = 5.0
+CALL_TIMEOUT = aiohttp.ClientTimeout(total=15)
 _HEADER = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+?)(~=|=)(.*)$")  # lazy: `~=` wins over `=`
 
 
@@ -59,7 +61,11 @@ class InterceptSession:
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = msgspec.json.encode(body) if body is not None else None
         async with self.http.request(
-            method, self.manager + path, data=data, headers={"content-type": "application/json"}
+            method,
+            self.manager + path,
+            data=data,
+            headers={"content-type": "application/json"},
+            timeout=CALL_TIMEOUT,  # a forward that accepts but never answers must not hang us
         ) as r:
             raw = await r.read()
             return r.status, msgspec.json.decode(raw) if raw else None
@@ -72,53 +78,8 @@ class InterceptSession:
         self.session = answer["sessionId"]
 
     async def depart(self) -> None:
-        with contextlib.suppress(aiohttp.ClientError):
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
             await self.call("DELETE", f"/v1/sessions/{self.session}")
-
-
-_FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) ->")
-
-
-def forwarded_port(line: str) -> int | None:
-    """The local port in a `kubectl port-forward` line, e.g. `Forwarding from 127.0.0.1:41234
-    -> 8081`; None for any other line."""
-    match = _FORWARDING.search(line)
-    return int(match[1]) if match else None
-
-
-async def port_forward(
-    target: str, kubeconfig: str | None
-) -> tuple[str, int, asyncio.subprocess.Process]:
-    """Start `kubectl port-forward -n NAMESPACE svc/NAME :8081 :8082`: the manager's URL and the
-    local end of its tunnel port. `target` is `NAMESPACE/SERVICE` (the manager's Service)."""
-    namespace, _, name = target.partition("/")
-    if not namespace or not name:
-        raise UsageError(f"--port-forward {target!r}: expected NAMESPACE/SERVICE")
-    argv = ["kubectl", "port-forward", "-n", namespace, f"svc/{name}", ":8081", ":8082"]
-    if kubeconfig:
-        argv[1:1] = ["--kubeconfig", kubeconfig]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-    except FileNotFoundError:
-        raise UsageError("--port-forward needs kubectl on the PATH") from None
-    assert proc.stdout is not None
-    ports: list[int] = []
-    try:
-        async with asyncio.timeout(20):
-            while line := (await proc.stdout.readline()).decode():
-                port = forwarded_port(line)
-                if port is not None:
-                    ports.append(port)
-                if len(ports) == 2:  # kubectl prints the forwards in the order asked
-                    return f"http://127.0.0.1:{ports[0]}", ports[1], proc
-    except TimeoutError:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()  # it may have ended by itself already
-    await proc.wait()
-    raise UsageError(f"kubectl port-forward to {target} did not start")
 
 
 def _fail(message: str) -> int:
@@ -135,24 +96,25 @@ async def run_intercept(args: Any) -> int:
     mechanism = "http" if (headers or args.http_path_prefix) else args.mechanism
     if args.http_path_prefix and not args.http_path_prefix.startswith("/"):
         return _fail(f"--http-path-prefix {args.http_path_prefix!r}: must start with /")
-    forwarder: asyncio.subprocess.Process | None = None
+    forward: ManagerForward | None = None
     args.tunnel_port = None
-    if args.port_forward:
+    if not args.manager:  # the in-cluster manager, through the API with the user's kubeconfig
         try:
-            args.manager, args.tunnel_port, forwarder = await port_forward(
-                args.port_forward, args.kubeconfig
-            )
-        except UsageError as exc:
+            forward = ManagerForward(args.port_forward, args.kubeconfig)
+            await forward.start()
+        except ForwardError as exc:
             return _fail(str(exc))
+        args.manager, args.tunnel_port = forward.url, forward.tunnel_port
     try:
-        return await _with_manager(args, mechanism, headers)
+        return await _with_manager(args, mechanism, headers, forward)
     finally:
-        if forwarder is not None and forwarder.returncode is None:
-            forwarder.terminate()
-            await forwarder.wait()
+        if forward is not None:
+            await forward.stop()
 
 
-async def _with_manager(args: Any, mechanism: str, headers: list[HeaderMatch]) -> int:
+async def _with_manager(
+    args: Any, mechanism: str, headers: list[HeaderMatch], forward: ManagerForward | None
+) -> int:
     timeout = aiohttp.ClientTimeout(total=None, connect=5)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         client = InterceptSession(args.manager.rstrip("/"), http)
@@ -161,7 +123,7 @@ async def _with_manager(args: Any, mechanism: str, headers: list[HeaderMatch]) -
         except (aiohttp.ClientError, OSError) as exc:
             return _fail(f"cannot reach the traffic-manager at {args.manager}: {exc}")
         try:
-            return await _intercept(client, args, mechanism, headers)
+            return await _intercept(client, args, mechanism, headers, forward)
         except UsageError as exc:
             return _fail(str(exc))
         finally:
@@ -169,7 +131,11 @@ async def _with_manager(args: Any, mechanism: str, headers: list[HeaderMatch]) -
 
 
 async def _intercept(
-    client: InterceptSession, args: Any, mechanism: str, headers: list[HeaderMatch]
+    client: InterceptSession,
+    args: Any,
+    mechanism: str,
+    headers: list[HeaderMatch],
+    forward: ManagerForward | None,
 ) -> int:
     request = {
         "workload": args.workload,
@@ -202,7 +168,7 @@ async def _intercept(
     }
     if args.http_path_prefix:
         spec["path"] = msgspec.to_builtins(PathMatch(value=args.http_path_prefix, op="prefix"))
-    live = LiveIntercept(client, spec, args.to, args.tunnel_port)
+    live = LiveIntercept(client, spec, args.to, args.tunnel_port, forward)
     await live.create()
     pidfile = _pidfile(spec["name"])
     await asyncio.to_thread(_write_pid, pidfile)
@@ -273,8 +239,10 @@ class LiveIntercept:
         spec: dict[str, Any],
         local_port: int,
         tunnel_port: int | None = None,
+        forward: ManagerForward | None = None,
     ) -> None:
         self.tunnel_port = tunnel_port  # the local end of a port-forward, else the manager's
+        self.forward = forward
         self.client = client
         self.spec = spec
         self.local_port = local_port
@@ -312,17 +280,34 @@ class LiveIntercept:
                 await client.arrive()
                 await self.create()
                 print(f"  intercept {self.id} created again", flush=True)
-            except (aiohttp.ClientError, OSError) as exc:
-                print(f"  traffic-manager unreachable ({exc}); retrying", flush=True)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                print(f"  traffic-manager unreachable ({exc or type(exc).__name__}); retrying",
+                      flush=True)  # fmt: skip
+                await self._reforward()
             except UsageError as exc:
                 print(f"  cannot intercept again: {exc}", flush=True)
+
+    async def _reforward(self) -> None:
+        """The pod behind a port-forward may have been replaced: forward again, same ports."""
+        if self.forward is None:
+            return
+        try:
+            await self.forward.restart()
+        except ForwardError as exc:
+            print(f"  {exc}", flush=True)
 
     async def leave(self) -> None:
         if self.tunnel is not None:
             await self.tunnel.close()
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            await self.client.call(
-                "DELETE", f"/v1/sessions/{self.client.session}/intercepts/{self.spec['name']}"
+        path = f"/v1/sessions/{self.client.session}/intercepts/{self.spec['name']}"
+        try:
+            await self.client.call("DELETE", path)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            print(
+                f"could not tell the traffic-manager to end intercept {self.id} ({exc}): it "
+                "ends it when this client's session expires",
+                file=sys.stderr,
+                flush=True,
             )
         print(f"left intercept {self.id}", flush=True)
 

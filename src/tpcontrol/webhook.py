@@ -17,6 +17,7 @@ import base64
 import logging
 import os
 import ssl
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -187,8 +188,57 @@ class Injector:
 
 
 # -- TLS with reload -----------------------------------------------------------------------------
-class ReloadingTls:
-    """A server SSL context that picks up new certificate files without a restart.
+def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _private_dir() -> str | None:
+    """Where a key may touch the disk for the moment it is loaded: memory-backed when possible."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+def context_from_pem(cert: bytes, key: bytes) -> ssl.SSLContext:
+    """A server context from PEM bytes. Python's ssl loads a certificate chain only from files,
+    so the pair is written into a private (0700) temporary directory, loaded, and removed at once:
+    the key lives on disk only for the duration of the load, and nothing depends on a mounted
+    Secret volume (which the kubelet refreshes a minute or more after the Secret changes)."""
+    with tempfile.TemporaryDirectory(prefix="tpcontrol-tls-", dir=_private_dir()) as tmp:
+        paths = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
+        for path, data in zip(paths, (cert, key), strict=True):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return _server_context(*paths)
+
+
+class SwitchingTls:
+    """A server SSL context whose certificate can change between handshakes.
+
+    The SNI callback runs on every handshake (with or without a server name) and hands the
+    connection the newest loaded context, so a renewed certificate is served from the next
+    connection on, without a restart and without touching open connections.
+    """
+
+    def __init__(self, first: ssl.SSLContext) -> None:
+        self._current = first
+        self.context = first
+        self.context.sni_callback = self._pick
+        self.loads = 1
+
+    def _refresh(self) -> None:
+        """Called before each handshake: subclasses load a newer pair here."""
+
+    def _pick(self, sock: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        self._refresh()
+        sock.context = self._current
+
+
+class ReloadingTls(SwitchingTls):
+    """Certificate files that are reloaded when they change (people who bring their own).
 
     Each handshake checks the files' modification times (two stat calls) and swaps in a freshly
     loaded context when they changed; a pair that fails to load is logged and the old one kept.
@@ -197,20 +247,15 @@ class ReloadingTls:
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert, self.key = cert, key
         self._stamp: tuple[float, float] = (0.0, 0.0)
-        self._current = self._load()
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert, key)
-        self.context.sni_callback = self._pick
-        self.loads = 1
+        super().__init__(self._load())
 
     def _load(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert, self.key)
-        self._stamp = (os.stat(self.cert).st_mtime, os.stat(self.key).st_mtime)
+        stamp = (os.stat(self.cert).st_mtime, os.stat(self.key).st_mtime)
+        context = _server_context(self.cert, self.key)
+        self._stamp = stamp
         return context
 
-    def _pick(self, sock: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+    def _refresh(self) -> None:
         try:
             stamp = (os.stat(self.cert).st_mtime, os.stat(self.key).st_mtime)
             if stamp != self._stamp:
@@ -221,7 +266,24 @@ class ReloadingTls:
             log.error(
                 "cannot reload %s / %s, keeping the previous pair: %s", self.cert, self.key, exc
             )
-        sock.context = self._current
+
+
+class PemTls(SwitchingTls):
+    """A certificate handed over in memory (the injector's Secret), swapped by `update`."""
+
+    def __init__(self, cert: bytes, key: bytes) -> None:
+        super().__init__(context_from_pem(cert, key))
+        self.cert = cert
+
+    def update(self, cert: bytes, key: bytes) -> bool:
+        """Serve this pair from the next handshake on; False if it is already served. A pair
+        that does not load raises ssl.SSLError and the previous one stays."""
+        if cert == self.cert:
+            return False
+        self._current = context_from_pem(cert, key)
+        self.cert = cert
+        self.loads += 1
+        return True
 
 
 def self_signed(directory: Path, host: str, dns: list[str]) -> tuple[Path, Path, bytes]:
@@ -322,12 +384,16 @@ def webhook_configuration(
     *,
     url: str | None = None,
     service: Mapping[str, Any] | None = None,
-    ca_bundle: bytes,
+    ca_bundle: bytes | None,
     name: str = "agent-injector-webhook",
     namespaces_excluded: tuple[str, ...] = (),
 ) -> Json:
-    """The MutatingWebhookConfiguration that points the API server at this webhook."""
-    client_config: Json = {"caBundle": base64.b64encode(ca_bundle).decode()}
+    """The MutatingWebhookConfiguration that points the API server at this webhook. Without a
+    `ca_bundle` it has none, as in deploy/: an injector that keeps its certificate in a Secret
+    (tpcontrol.injector_tls) writes its CA there itself."""
+    client_config: Json = {}
+    if ca_bundle is not None:
+        client_config["caBundle"] = base64.b64encode(ca_bundle).decode()
     if url is not None:
         client_config["url"] = url
     else:
@@ -365,7 +431,7 @@ def webhook_configuration(
 
 
 async def start(
-    server: WebhookServer, host: str, port: int, tls: ReloadingTls
+    server: WebhookServer, host: str, port: int, tls: SwitchingTls
 ) -> tuple[web.AppRunner, int]:
     """Listen with TLS; returns the runner (for cleanup) and the bound port."""
     runner = web.AppRunner(server.app, access_log=None)

@@ -1,12 +1,14 @@
-"""`tpcontrol demo`: the whole 2.6 intercept flow on a control plane of this machine.
+"""`tpcontrol demo`: the whole 2.6 intercept flow on a Kubernetes cluster of this machine.
 
-It starts etcd, kube-apiserver and kube-controller-manager (building them first when missing),
-then the traffic-manager, the agent-injector webhook and a node that runs pods as local
-processes in network namespaces of their own. It deploys examples/workloads.yaml and walks
-through what a team does: plain traffic; Alice intercepts HTTP by header (the workload rolls out
-with the agent the webhook injects); Bob intercepts the same port with another header; Carol
-takes a TCP port; everybody leaves; the agent is uninstalled (another rollout). Each step checks
-where every request went. Ctrl-C tears everything down. Exit 0 only when every step held.
+It builds the project's images from the checkout (`--source`), starts a real cluster (control
+plane, kubelet, containerd, kube-proxy: `cluster.LocalCluster`), installs the product from
+`deploy/` (the traffic-manager and the agent injector run as pods), deploys
+examples/workloads.yaml and walks through what a team does: plain traffic; Alice intercepts HTTP
+by header through a port-forward to the in-cluster manager (the workload rolls out with the agent
+the webhook injects); Bob intercepts the same port with another header; Carol takes a TCP port;
+everybody leaves; the agent is uninstalled (another rollout). Each step checks where every
+request went; a failed step says which pod is in trouble and why. Ctrl-C tears everything down.
+Exit 0 only when every step held.
 """
 
 from __future__ import annotations
@@ -14,45 +16,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import yaml
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.localcluster import (
-    ControlPlaneError,
-    LocalControlPlane,
-    missing_binaries,
-    wait_for_service_account,
-)
-from tpcontrol.localstack import Stack, running_stack
-from tpcontrol.node.netns import NetworkError, open_connection_in
-from tpcontrol.node.podspec import EXAMPLES
+from tpcontrol.lifecycle import cancel_on_sigterm, child_options
+from tpcontrol.localcluster import images as image_builder
+from tpcontrol.localcluster.cluster import ClusterError, LocalCluster, missing_tools
+from tpcontrol.localcluster.controlplane import ControlPlaneError, wait_for_service_account
+from tpcontrol.localcluster.install import install
+from tpcontrol.localcluster.network import NetworkError, open_connection_in
 
 NAMESPACE = "shop"
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "install-k8s-testbin.sh"
+EXAMPLES_IMAGE = "docker.io/tpproxy/examples:0.1.0"  # the name examples/workloads.yaml uses
 
 
-def preflight() -> list[str]:
-    """What this machine lacks for the demo (empty: ready)."""
+def preflight(source: Path) -> list[str]:
+    """What this machine or checkout lacks for the demo (empty: ready)."""
     found = []
     if os.geteuid() != 0:
-        found.append("run as root: the node puts each pod in a network namespace of its own")
-    for tool, package in (("ip", "iproute2"), ("iptables", "iptables"), ("nsenter", "util-linux")):
-        if shutil.which(tool) is None:
-            found.append(f"{tool} is missing (Debian package {package})")
-    if not (EXAMPLES / "workloads.yaml").exists():
-        found.append(f"{EXAMPLES / 'workloads.yaml'} is missing (run from a clone of the project)")
+        found.append("run as root: the cluster's node needs a network namespace and cgroups")
+    for name in ("Containerfile", "deploy/kustomization.yaml", "examples/workloads.yaml"):
+        if not (source / name).exists():
+            found.append(f"{source / name} is missing (--source names the project's checkout)")
+    if found:
+        return found
+    missing = missing_tools() + image_builder.missing_tools()
+    if missing:
+        found.append(
+            "missing " + ", ".join(dict.fromkeys(missing)) + " (scripts/install-node-tools.sh "
+            "and scripts/install-k8s-testbin.sh install them; ./dev demo runs both)"
+        )
     return found
+
+
+class ClosedUnanswered(ConnectionError):
+    """The Service's pod closed a new connection before answering its first request."""
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Step:
     title: str
     lines: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    why: list[str] = field(default_factory=list)  # what the pods said when a check failed
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -80,15 +88,23 @@ def free_port() -> int:
 class Walkthrough:
     """The steps, in order, with the processes they start (stopped by `close`)."""
 
-    def __init__(self, api: k8s.ApiClient, stack: Stack, requests: int) -> None:
+    def __init__(
+        self, api: k8s.ApiClient, cluster: LocalCluster, source: Path, requests: int
+    ) -> None:
         self.api = api
         self.core = k8s.CoreV1Api(api)
-        self.stack = stack
+        self.cluster = cluster
+        self.examples = source / "examples"
         self.requests = requests
+        self.env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
         self.steps: list[Step] = []
         self.processes: list[asyncio.subprocess.Process] = []
         self.clients: dict[str, asyncio.subprocess.Process] = {}
         self.service_ip = ""
+        self.examples_image = EXAMPLES_IMAGE
+        self.manager_namespace = "ambassador"
+        self.outputs: dict[str, list[str]] = {}
+        self.drains: dict[str, asyncio.Task[None]] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -98,15 +114,22 @@ class Walkthrough:
         print(f"\n== {len(self.steps)}. {title}", flush=True)
         try:
             await body(step)
-        except (TimeoutError, OSError, RuntimeError, k8s.ApiException) as exc:
-            step.check(False, f"{type(exc).__name__}: {exc}")
+        except (TimeoutError, OSError, EOFError, ValueError, RuntimeError, k8s.ApiException) as exc:
+            step.check(False, f"{type(exc).__name__}: {exc}".strip())
+        if step.failures:  # the workload's pods, and the manager's and injector's
+            for namespace in (NAMESPACE, self.manager_namespace):
+                why = await asyncio.to_thread(self.cluster.describe_pods, namespace)
+                for line in why.splitlines():
+                    step.say(f"pods in {namespace}: {line}")
+                    step.why.append(f"{namespace}: {line}")
 
     async def start_local(self, script: str, name: str) -> int:
         """A developer's own process on this machine (one of the example apps)."""
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(EXAMPLES / script), "--host", "127.0.0.1", "--port", str(port),
+            sys.executable, str(self.examples / script), "--host", "127.0.0.1", "--port", str(port),
             "--name", name, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            **child_options(),  # type: ignore[arg-type]
         )  # fmt: skip
         self.processes.append(proc)
         assert proc.stdout is not None
@@ -118,14 +141,12 @@ class Walkthrough:
 
     async def intercept(self, step: Step, name: str, *args: str) -> None:
         """Run `tpcontrol intercept ...` as the developer would, until it says ACTIVE."""
-        command = [
-            "intercept", "shop", "-n", NAMESPACE, "--name", name,
-            "--manager", self.stack.manager_url, *args,
-        ]  # fmt: skip
+        command = ["intercept", "shop", "-n", NAMESPACE, "--name", name, *args]
         step.say("$ tpcontrol " + " ".join(_quote(a) for a in command))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tpcontrol", *command,
+            sys.executable, "-m", "tpcontrol", *command, env=self.env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            **child_options(),  # type: ignore[arg-type]
         )  # fmt: skip
         self.clients[name] = proc
         assert proc.stdout is not None
@@ -133,30 +154,77 @@ class Walkthrough:
             while line := (await proc.stdout.readline()).decode():
                 step.say("  | " + line.rstrip())
                 if line.strip().startswith("ACTIVE"):
+                    # What it says from now on is kept (its pipe must never fill up).
+                    self.outputs[name] = []
+                    self.drains[name] = asyncio.create_task(_collect(proc, self.outputs[name]))
                     return
         raise RuntimeError(f"tpcontrol intercept {name} ended: exit {await proc.wait()}")
 
     async def leave(self, step: Step, name: str) -> None:
-        proc = self.clients.pop(name)
+        proc = self.clients[name]
         proc.send_signal(signal.SIGINT)
-        assert proc.stdout is not None
         async with asyncio.timeout(30):
-            rest = (await proc.stdout.read()).decode().strip().splitlines()
             code = await proc.wait()
+            await self.drains.pop(name)
+        del self.clients[name]  # only once it has ended: `close` kills what did not
+        rest = self.outputs.pop(name)
         step.check(code == 0 and any("left intercept" in r for r in rest), f"{name}: {rest[-1:]}")
 
+    async def connect(
+        self, port: int, within: float = 15
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the Service from inside the cluster's network. kube-proxy programs a
+        new endpoint a moment after the pod turns ready (until then the Service refuses), so a
+        refusal is retried for `within` seconds, as a client of a real cluster would."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return await open_connection_in(self.cluster.network, self.service_ip, port)
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def endpoints(self) -> set[str]:
+        """The pod addresses the Service `shop` sends to (ready or not)."""
+        try:
+            found = await self.core.read_namespaced_endpoints("shop", NAMESPACE)
+        except k8s.ApiException:
+            return set()
+        return {
+            a.ip
+            for subset in found.subsets or []
+            for a in [*(subset.addresses or []), *(subset.not_ready_addresses or [])]
+        }
+
     async def http(self, port: int, *devs: str | None, path: str = "/cart") -> list[str]:
+        """`one_connection`; a connection that a stopping pod closed before it answered the
+        first request is tried again on a new one (as HTTP clients retry idempotent requests on
+        a closed keep-alive connection): kube-proxy can still send to a pod that is going."""
+        for attempt in range(3):
+            try:
+                return await self.one_connection(port, *devs, path=path)
+            except ClosedUnanswered:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.2)
+        raise AssertionError("unreachable")
+
+    async def one_connection(self, port: int, *devs: str | None, path: str = "/cart") -> list[str]:
         """Requests on one keep-alive connection to the Service, one per `devs` (x-dev value)."""
-        reader, writer = await open_connection_in(
-            self.stack.node.network.node_ns, self.service_ip, port
-        )
-        answers = []
+        reader, writer = await self.connect(port)
+        answers: list[str] = []
         try:
             for dev in devs:
                 extra = f"x-dev: {dev}\r\n" if dev else ""
                 writer.write(f"GET {path} HTTP/1.1\r\nHost: shop\r\n{extra}\r\n".encode())
                 async with asyncio.timeout(10):
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    try:
+                        head = await reader.readuntil(b"\r\n\r\n")
+                    except asyncio.IncompleteReadError as exc:
+                        if answers or exc.partial:
+                            raise
+                        raise ClosedUnanswered(f"shop:{port} closed the connection") from None
                     length = next(
                         int(h.split(b":", 1)[1])
                         for h in head.split(b"\r\n")
@@ -168,9 +236,7 @@ class Walkthrough:
         return answers
 
     async def tcp(self, port: int) -> str:
-        reader, writer = await open_connection_in(
-            self.stack.node.network.node_ns, self.service_ip, port
-        )
+        reader, writer = await self.connect(port)
         try:
             async with asyncio.timeout(10):
                 greeting = (await reader.readline()).decode().strip()
@@ -189,7 +255,9 @@ class Walkthrough:
             step.check(want in answer, f"GET shop:{port} ({label}) -> {answer}")
 
     async def rollout(self, step: Step, *, agent: bool, within: float = 120) -> list[Json]:
-        """Show the pods as they change until one pod, ready, with (or without) the agent."""
+        """Show the pods as they change until one pod, ready, with (or without) the agent, and
+        no other pod but terminating ones (kubelet 1.20 confirms a deletion seconds after the
+        containers have stopped; the Service has dropped them long before)."""
         shown = ""
         started = time.monotonic()
         async with asyncio.timeout(within):
@@ -203,22 +271,18 @@ class Walkthrough:
                 done = [
                     p for p in pods if _ready(p) and _has_agent(p) == agent and not _terminating(p)
                 ]
-                if len(done) == 1 and len(pods) == 1:
+                serving = len(done) == 1 and sum(not _terminating(p) for p in pods) == 1
+                if serving and await self.endpoints() == {done[0]["status"]["podIP"]}:
                     return done
                 await asyncio.sleep(0.2)
 
     def pod_rules(self, pod: Json) -> list[str]:
         """The pod's iptables nat rules, read inside its network namespace."""
-        worker = self.stack.node.workers.get((NAMESPACE, pod["metadata"]["name"]))
-        if worker is None or not worker.netns:
-            return []
-        done = subprocess.run(
-            ["ip", "netns", "exec", worker.netns, "iptables", "-t", "nat", "-S", "TEL_INBOUND_TCP"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return [r for r in done.stdout.splitlines() if "REDIRECT" in r]
+        return [
+            r
+            for r in self.cluster.pod_iptables(pod, "-t", "nat", "-S", "TEL_INBOUND_TCP")
+            if "REDIRECT" in r
+        ]
 
     async def close(self) -> None:
         for proc in [*self.clients.values(), *self.processes]:
@@ -241,8 +305,9 @@ class Walkthrough:
         local: dict[str, int] = {}
 
         async def deploy(step: Step) -> None:
-            step.say(f"applying {EXAMPLES / 'workloads.yaml'} to namespace {NAMESPACE}")
-            for doc in yaml.safe_load_all((EXAMPLES / "workloads.yaml").read_text()):
+            step.say(f"applying {self.examples / 'workloads.yaml'} to namespace {NAMESPACE}")
+            text = (self.examples / "workloads.yaml").read_text()
+            for doc in yaml.safe_load_all(text.replace(EXAMPLES_IMAGE, self.examples_image)):
                 await _create(self.api, doc)
                 step.say(f"created {doc['kind']} {doc['metadata']['name']}")
             service = await self.core.read_namespaced_service("shop", NAMESPACE)
@@ -313,8 +378,7 @@ class Walkthrough:
             step.say(f"$ tpcontrol uninstall shop -n {NAMESPACE}")
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tpcontrol", "uninstall", "shop", "-n", NAMESPACE,
-                "--manager", self.stack.manager_url, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             out, _ = await proc.communicate()
             step.check(proc.returncode == 0, "  | " + out.decode().strip())
@@ -333,6 +397,7 @@ class Walkthrough:
 
 
 Json = dict[str, Any]
+T = TypeVar("T")
 
 
 def _quote(word: str) -> str:
@@ -373,21 +438,9 @@ async def _create(api: k8s.ApiClient, doc: Json) -> None:
         raise RuntimeError(f"examples/workloads.yaml: unexpected kind {kind!r}")
 
 
-def _build_control_plane() -> bool:
-    missing = missing_binaries()
-    if not missing:
-        return True
-    print(f"control plane binaries missing ({', '.join(missing)}): building with {SCRIPT}")
-    print("(once; about 5-10 minutes on 2 cores, cached in ~/.cache/k8s-testbin)", flush=True)
-    return (
-        subprocess.run(["bash", str(SCRIPT)], check=False).returncode == 0
-        and not missing_binaries()
-    )
-
-
-async def run_cluster_demo(requests: int = 3) -> int:
+async def run_cluster_demo(source: Path, requests: int = 3, name: str = "tpcontrol") -> int:
     """The whole demo; returns the exit code (0: every step held; 130: interrupted)."""
-    found = preflight()
+    found = preflight(source)
     if found:
         for problem in found:
             print(f"tpcontrol demo: {problem}", file=sys.stderr)
@@ -396,44 +449,80 @@ async def run_cluster_demo(requests: int = 3) -> int:
             file=sys.stderr,
         )
         return 2
-    if not await asyncio.to_thread(_build_control_plane):
-        print("tpcontrol demo: the control plane could not be built", file=sys.stderr)
-        return 2
-    plane = LocalControlPlane()
-    walk: Walkthrough | None = None
     started = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {line}", flush=True)
+
+    walk: Walkthrough | None = None
+    cluster: LocalCluster | None = None
+    uncatch = cancel_on_sigterm()  # `kill` (or a CI's timeout) tears down as Ctrl-C does
     try:
-        print(
-            "starting etcd, kube-apiserver and kube-controller-manager on 127.0.0.1 ...", flush=True
+        say(f"building the images from {source} (cached by content)")
+        built = await _in_thread(image_builder.build_images, source, None, say)
+        cluster = LocalCluster(
+            images=[built.pause.archive, built.product.archive, built.examples.archive],
+            name=name,
+            progress=say,
         )
-        await asyncio.to_thread(plane.start)
-        print(f"control plane ready at {plane.url} (kubeconfig {plane.kubeconfig})", flush=True)
-        async with plane.api() as api:
+        say("starting the cluster: control plane, containerd, kubelet, kube-proxy")
+        await _in_thread(cluster.start)
+        for line in cluster.kubectl("get", "nodes", "-o", "wide").stdout.splitlines():
+            print(f"   {line}", flush=True)
+        say(f"installing the product from {source / 'deploy'} (image {built.product.ref})")
+        installed = await _in_thread(install, cluster, source, built.product.ref)
+        say(
+            f"traffic-manager and agent injector running in namespace {installed.namespace} "
+            f"({installed.seconds:.1f} s); developers reach them with kubectl port-forward"
+        )
+        async with cluster.api() as api:
             await k8s.CoreV1Api(api).create_namespace(cast(Any, {"metadata": {"name": NAMESPACE}}))
             await wait_for_service_account(api, NAMESPACE)
-            async with running_stack(api, probe_namespace=NAMESPACE) as stack:
-                print(
-                    f"traffic-manager on {stack.manager_url}, agent injector registered, node "
-                    f"{stack.node.name} up (pods in network namespaces "
-                    f"{stack.node.network.node_ns}-*)",
-                    flush=True,
-                )
-                walk = Walkthrough(api, stack, requests)
-                try:
-                    await walk.run()
-                finally:
-                    await walk.close()
+            walk = Walkthrough(api, cluster, source, requests)
+            walk.examples_image = built.examples.ref
+            try:
+                await walk.run()
+            finally:
+                await walk.close()
     except asyncio.CancelledError:
         print("\ninterrupted: tearing everything down", file=sys.stderr, flush=True)
-        await asyncio.to_thread(plane.stop)
         return 130
-    except (ControlPlaneError, NetworkError, k8s.ApiException, OSError) as exc:
+    except (
+        ClusterError, ControlPlaneError, NetworkError, image_builder.ImageBuildError,
+        k8s.ApiException, OSError,
+    ) as exc:  # fmt: skip
         # Setting up failed (a step's own errors are in its result): say what, not a traceback.
         print(f"tpcontrol demo: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        await asyncio.to_thread(plane.stop)
+        if cluster is not None:
+            await _in_thread(cluster.stop)
+        uncatch()
     return _summary(walk, time.monotonic() - started)
+
+
+async def _collect(proc: asyncio.subprocess.Process, lines: list[str]) -> None:
+    assert proc.stdout is not None
+    while line := (await proc.stdout.readline()).decode():
+        lines.append(line.rstrip())
+
+
+async def _in_thread(work: Callable[..., T], *args: Any) -> T:
+    """Run blocking set-up work in a thread; on Ctrl-C (one or several), let it finish before
+    tearing down: a thread cannot be interrupted, and stopping a half-started cluster under it
+    would race with what it still starts."""
+    task = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:
+            break
+    if cancelled:
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def _summary(walk: Walkthrough | None, seconds: float) -> int:
@@ -449,4 +538,6 @@ def _summary(walk: Walkthrough | None, seconds: float) -> int:
         )
         for failure in step.failures:
             print(f"            {failure}")
+        for line in step.why:
+            print(f"              {line}")
     return 0 if walk.steps and all(not s.failures for s in walk.steps) else 1
