@@ -272,7 +272,8 @@ def test_intercept_command_gets_the_environment_and_reaches_the_developer(
             assert "ID=?" not in text
             assert "ACTIVE" in text
             assert "left intercept" in text
-            assert "GREETING=hi\n" in env_file.read_text()
+            assert "GREETING='hi'\n" in env_file.read_text()  # quoted for sh
+            assert env_file.stat().st_mode & 0o777 == 0o600
 
             body = await answers(
                 cluster.network, svc.spec.cluster_ip, 80, "/after", **{"x-dev": "alice"}

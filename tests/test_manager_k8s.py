@@ -419,3 +419,29 @@ def test_nothing_sent_to_the_manager_makes_it_fail(control_plane: LocalControlPl
         run(scenario(cases), timeout=60)
 
     check()
+
+
+def test_a_browsers_request_is_refused_before_anything_happens(
+    control_plane: LocalControlPlane,
+) -> None:
+    """A page in the developer's browser can reach the local end of the port-forward; what a
+    browser marks as its own (Origin, Sec-Fetch-*) gets 403 and changes nothing."""
+
+    async def scenario() -> None:
+        async with manager_rig(control_plane, "browser") as rig:
+            for header in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                           {"Sec-Fetch-Mode": "no-cors"}):  # fmt: skip
+                async with rig.http.post(
+                    rig.url + "/v1/clients", json={"name": "x", "version": "1"}, headers=header
+                ) as r:
+                    assert r.status == 403
+                    body = await r.json()
+                    assert body["code"] == "forbidden"
+                    assert f"header {next(iter(header)).lower()}" in body["error"]
+                async with rig.http.get(rig.url + "/v1/intercepts", headers=header) as r:
+                    assert r.status == 403
+            assert rig.manager.state.version == 0  # no session was made
+            status, made = await rig.post("/v1/clients", {"name": "dev", "version": "1"})
+            assert status == 201, made  # the same call from a client
+
+    run(scenario(), timeout=60)

@@ -257,6 +257,18 @@ def test_create_validation_names_the_field(
         ({"path": PathMatch("api", "prefix")}, "^path: prefix path \"api\" must start with '/'"),
         ({"path": PathMatch("[", "regex")}, "^path: invalid regex"),
         ({"methods": ["GET", "BAD METHOD"]}, r'^methods\[1\]: "BAD METHOD" is not an HTTP method'),
+        (
+            {"headers": [HeaderMatch(f"x-{i}", "a") for i in range(17)]},
+            "^headers: 17 rules; at most 16$",
+        ),
+        ({"methods": [f"M{i}" for i in range(17)]}, "^methods: 17 methods; at most 16$"),
+        ({"headers": [HeaderMatch("x-a", "a" * 1025)]}, r"^headers\[0\]: value of 1025 char"),
+        ({"path": PathMatch("/" * 2000)}, "^path: value of 2000 characters; at most 1024$"),
+        (
+            {"headers": [HeaderMatch("x-a", r"(a)\1", "regex")]},
+            r"^headers\[0\]: invalid regex .*invalid escape sequence.*RE2 syntax",
+        ),
+        ({"path": PathMatch("(?=/a)", "regex")}, r"^path: invalid regex .*lookaround"),
     ],
 )
 def test_create_validation_of_http_rules(

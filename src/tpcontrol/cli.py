@@ -165,7 +165,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     icept.add_argument("--http-path-prefix", default="", help="implies --mechanism http")
     icept.add_argument("--name", default="", help="intercept name (default WORKLOAD-PORT)")
-    icept.add_argument("--env-file", help="write the container's environment here")
+    icept.add_argument(
+        "--env-file",
+        help="write the container's environment here (NAME='value' lines for sh's `.`, 0600)",
+    )
+    icept.add_argument(
+        "--env-allow",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this variable on even though it changes how programs load (LD_*, PATH, "
+        "PYTHON*, proxies...: withheld by default); repeatable",
+    )
     icept.add_argument("--wait", type=float, default=120, help="seconds to wait for ACTIVE")
     _manager_options(icept)
     icept.epilog = (

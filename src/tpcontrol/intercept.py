@@ -23,8 +23,10 @@ import msgspec
 
 from tpcontrol.client import TunnelClient
 from tpcontrol.lifecycle import until_signalled
+from tpcontrol.localenv import local_environment, write_env_file
 from tpcontrol.portforward import ForwardError, ManagerForward
-from tpproxy.specs import HeaderMatch, PathMatch
+from tpproxy.routing import HeaderRule, RuleError
+from tpproxy.specs import HeaderMatch, Op, PathMatch
 
 HEARTBEAT = 5.0
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -41,12 +43,12 @@ def parse_header(text: str) -> HeaderMatch:
     if match is None:
         raise UsageError(f"--http-header {text!r}: expected NAME=VALUE or NAME~=REGEX")
     name, op, value = match.groups()
-    if op == "~=":
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise UsageError(f"--http-header {text!r}: invalid regex: {exc}") from None
-    return HeaderMatch(name=name, value=value, op="regex" if op == "~=" else "exact")
+    kind: Op = "regex" if op == "~=" else "exact"
+    try:  # the agent's own rule constructor: what it would refuse is refused here
+        HeaderRule.make(name, kind, value, f"--http-header {text!r}")
+    except RuleError as exc:
+        raise UsageError(str(exc)) from None
+    return HeaderMatch(name=name, value=value, op=kind)
 
 
 @dataclass
@@ -175,11 +177,12 @@ async def _intercept(
     heartbeat = asyncio.create_task(live.keep())
     try:
         intercept = await _until_active(client, live.id, args.wait)
-        env = dict(intercept.get("environment") or {})
-        env["TELEPRESENCE_INTERCEPT_ID"] = live.id
+        local = local_environment(intercept.get("environment") or {}, args.env_allow)
+        if local.notice():
+            print(f"tpcontrol: {local.notice()}", file=sys.stderr, flush=True)
+        env = {**local.given, "TELEPRESENCE_INTERCEPT_ID": live.id}
         if args.env_file:
-            text = "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
-            await asyncio.to_thread(Path(args.env_file).write_text, text)
+            await asyncio.to_thread(write_env_file, Path(args.env_file), env)
         if args.run:
             return await _run_command(args.run, env)
         await until_signalled()

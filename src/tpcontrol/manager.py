@@ -156,6 +156,27 @@ async def _body(request: web.Request, kind: type[T]) -> T:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+BROWSER_HEADERS = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest")
+
+
+@web.middleware
+async def _no_browsers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A page in a developer's browser can send requests to the local end of a port-forward
+    (127.0.0.1, or a rebound DNS name); browsers mark them with `Origin` or `Sec-Fetch-*`, which
+    no client of this API sends: such requests are refused before any handler runs."""
+    marked = [h for h in BROWSER_HEADERS if h in request.headers]
+    if marked:
+        return _json(
+            ErrorBody(
+                f"refused: a browser's request (header {marked[0]}); the traffic-manager is "
+                "called by tpcontrol and its agents only",
+                "forbidden",
+            ),
+            403,
+        )
+    return await handler(request)
+
+
 def _errors(handler: Handler) -> Handler:
     """Turn the typed errors of the state and the prepare logic into JSON error answers."""
 
@@ -204,7 +225,7 @@ class Manager:
         self.stopping = False
         self.tunnel = Rendezvous(self.state)
         self.tunnel_port = 0
-        app = web.Application(client_max_size=1024 * 1024)
+        app = web.Application(client_max_size=1024 * 1024, middlewares=[_no_browsers])
         routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v1/clients", self.arrive_client),
             ("POST", "/v1/agents", self.arrive_agent),

@@ -89,7 +89,13 @@ from typing import TypeVar
 
 import msgspec
 
-from tpproxy.routing import DEFAULT_INTERCEPT_HEADER, HeaderRule, RuleError, ValueRule
+from tpproxy.routing import (
+    DEFAULT_INTERCEPT_HEADER,
+    HeaderRule,
+    RuleError,
+    ValueRule,
+    check_rule_counts,
+)
 from tpproxy.specs import HeaderMatch, InterceptSpec, PathMatch
 from tpproxy.wire import (
     AgentInfo,
@@ -247,6 +253,7 @@ def _rule_key(intercept_id: str, req: InterceptRequest) -> tuple[object, ...]:
     loads in the agent, and errors name the field (`headers[1]`, `path`, `methods[0]`).
     """
     try:
+        check_rule_counts(len(req.headers), len(req.methods), "")
         headers = [
             HeaderRule.make(h.name, h.op, h.value, f"headers[{i}]")
             for i, h in enumerate(req.headers)

@@ -37,6 +37,7 @@ log = logging.getLogger("tpproxy.agent")
 APP_ENV_PREFIX = "_TEL_APP_"
 HEARTBEAT = 5.0
 MAX_BACKOFF = 10.0
+MAX_WATCH_LINE = 16 << 20  # one snapshot of the agent's intercepts, environments included
 
 
 def _stamp(path: str) -> tuple[float, int] | None:
@@ -88,6 +89,17 @@ def intercept_specs(intercepts: list[Intercept], tunnel: bool = False) -> list[I
     return specs
 
 
+async def _watch_line(content: aiohttp.StreamReader) -> bytes:
+    """The next line of the watch (b"" at its end). A line over MAX_WATCH_LINE bytes ends the
+    session (SessionLost): the rest of it cannot be told from the next line, so the agent
+    arrives again and gets a fresh snapshot."""
+    try:
+        line = await content.readuntil(b"\n", max_size=MAX_WATCH_LINE)
+    except ValueError as exc:  # aiohttp: over max_size
+        raise SessionLost(f"a watch line over {MAX_WATCH_LINE} bytes: {exc}") from None
+    return line  # at the end: b"", or a last line without its newline
+
+
 class Agent:
     """One agent: its proxy, its base (app-only) routes, and its manager session loop."""
 
@@ -137,6 +149,8 @@ class Agent:
                     exc or type(exc).__name__,
                     delay,
                 )
+            except Exception:  # whatever the manager sent: the loop must outlive it
+                log.exception("manager session failed; arriving again in %.0f s", delay)
             self.connected.clear()
             self.session_id = None
             await self._apply([])  # back to the app: no client is reachable through us now
@@ -166,8 +180,12 @@ class Agent:
                     if stream.status != 200:
                         raise SessionLost(f"watch refused: {stream.status}")
                     self.connected.set()
-                    async for line in stream.content:
-                        intercepts = msgspec.json.decode(line, type=list[Intercept])
+                    while line := await _watch_line(stream.content):
+                        try:
+                            intercepts = msgspec.json.decode(line, type=list[Intercept])
+                        except msgspec.DecodeError as exc:  # skipped: the next one may do
+                            log.warning("ignored a watch line from the manager: %s", exc)
+                            continue
                         await self._apply(intercepts, http, sid)
                     raise SessionLost("the manager ended the watch")
             finally:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import re2
 
 from tpproxy.config import Sidecar, listeners
 from tpproxy.targets import Address, Target
@@ -33,25 +35,58 @@ class RuleError(ValueError):
     """A rule that cannot be used (bad regex, empty header name); the message names the rule."""
 
 
+# Rules come from developers' clients and run on every request of a production pod: regexes
+# are RE2 (linear time in the input, bounded memory; no backreferences or lookaround), and
+# the size of what one intercept may ask for is bounded.
+MAX_RULE_VALUE = 1024  # characters in a header or path rule's value
+MAX_HEADER_RULES = 16  # header rules of one intercept
+MAX_METHODS = 16
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.max_mem = 4 << 20
+_RE2_OPTIONS.log_errors = False  # the error goes back to the caller, not to stderr
+
+
+def compile_rule_regex(value: str, where: str) -> Any:
+    """An RE2 regex for a rule, or RuleError naming `where` and what RE2 refused."""
+    try:
+        return re2.compile(value, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(
+            exc.args[0], bytes) else str(exc)  # fmt: skip
+        raise RuleError(
+            f"{where}: invalid regex {value!r}: {reason} (RE2 syntax: no backreferences or "
+            "lookaround)"
+        ) from None
+
+
+def check_rule_counts(headers: int, methods: int, where: str) -> None:
+    """At most MAX_HEADER_RULES header rules and MAX_METHODS methods in one intercept."""
+    if headers > MAX_HEADER_RULES:
+        raise RuleError(f"{where}headers: {headers} rules; at most {MAX_HEADER_RULES}")
+    if methods > MAX_METHODS:
+        raise RuleError(f"{where}methods: {methods} methods; at most {MAX_METHODS}")
+
+
 @dataclass(frozen=True, slots=True)
 class ValueRule:
     """`op` applied to a value: exact equality, prefix, or a regex matching the whole value."""
 
     op: MatchOp
     value: str
-    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _regex: Any = field(default=None, compare=False, repr=False)  # an RE2 regex
 
     @classmethod
     def make(cls, op: str, value: str, where: str) -> ValueRule:
         """Validate and compile once; errors name `where` (the rule's position or flag)."""
         if op not in ("exact", "prefix", "regex"):
             raise RuleError(f"{where}: operator must be exact, prefix or regex, not {op!r}")
+        if len(value) > MAX_RULE_VALUE:
+            raise RuleError(
+                f"{where}: value of {len(value)} characters; at most {MAX_RULE_VALUE}"
+            )
         regex = None
         if op == "regex":
-            try:
-                regex = re.compile(value)
-            except re.error as exc:
-                raise RuleError(f"{where}: invalid regex {value!r}: {exc}") from None
+            regex = compile_rule_regex(value, where)
         return cls(op, value, regex)  # type: ignore[arg-type]
 
     def matches(self, candidate: str) -> bool:

@@ -23,6 +23,7 @@ from tpproxy.routing import (
     RuleError,
     TcpIntercept,
     ValueRule,
+    check_rule_counts,
     port_routes,
 )
 from tpproxy.targets import Address, Target
@@ -64,6 +65,7 @@ class InterceptSpec(msgspec.Struct, frozen=True, rename="camel", omit_defaults=T
 
 
 def _intercept(spec: InterceptSpec, where: str, target: Target) -> HttpIntercept:
+    check_rule_counts(len(spec.headers), len(spec.methods), f"{where}.")
     headers = tuple(
         HeaderRule.make(h.name, h.op, h.value, f"{where}.headers[{i}]")
         for i, h in enumerate(spec.headers)
