@@ -4,7 +4,8 @@ agent used before) against the RE2 rules it uses now (`tpproxy.routing`), median
     .venv/bin/python benchmarks/redos.py
 
 `re` doubles its time with every extra character (so it is only run up to 24 of them, and the
-hours at 40 are extrapolated); RE2 grows linearly with the value's length.
+hours at 40 are extrapolated); RE2 grows linearly with the value's length. Last, the costliest rule the limits admit
+(`tpproxy.routing.MAX_REGEX_PROGRAM`) on the longest header value the agent accepts.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def main() -> None:
         took = median_seconds(functools.partial(rule.matches, headers))
         base = base or took / n
         print(f"  {n:>7} a's: {took * 1e3:10.3f} ms   ({took / n / base:4.2f}x the time per a of 24)")
+    # The costliest rule the limits let through: a program near MAX_REGEX_PROGRAM whose DFA
+    # overflows its cache, against a header value as long as the agent's head limit allows.
+    worst = HeaderRule.make("x-dev", "regex", "(?s)(?:.*a.{140})", "headers[0]")
+    long_head = {"x-dev": ["a" * 32_768]}
+    took = median_seconds(functools.partial(worst.matches, long_head))
+    print(f"worst allowed rule (?s).*a.{{140}} (992 instructions) on 32 KiB: {took * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

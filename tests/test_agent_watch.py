@@ -7,9 +7,11 @@ the agent's four calls, so that it can send what no real manager would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import msgspec
+import pytest
 from aiohttp import web
 
 from tpproxy.agent import MAX_WATCH_LINE
@@ -44,9 +46,10 @@ def intercept(ident: str, agent_port: int, headers: list[HeaderMatch]) -> Interc
     )
 
 
-def test_bad_watch_lines_are_survived(tmp_path: Path) -> None:
+def test_bad_watch_lines_are_survived(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         agent_port = free_port()
+        caplog.set_level(logging.WARNING, logger="tpproxy.agent")
         arrivals: list[int] = []
         watches: list[asyncio.Queue[bytes]] = []  # one per watch the agent opened
 
@@ -109,6 +112,9 @@ def test_bad_watch_lines_are_survived(tmp_path: Path) -> None:
 
             send(b"[" + b" " * (MAX_WATCH_LINE + (1 << 20)))
             await until(lambda: len(arrivals) == 2)  # a fresh session, a fresh snapshot
+            said = [r.getMessage() for r in caplog.records]
+            assert any(f"a watch line over {MAX_WATCH_LINE} bytes" in m for m in said), said
+            assert not any("manager session failed" in m for m in said)  # handled, not a crash
             await until(lambda: len(watches) == 2 and agent.connected.is_set())
             send(msgspec.json.encode(good) + b"\n")
             await until(lambda: agent.applied == ["s:alice"])

@@ -4,12 +4,13 @@ being expanded or run, whatever a hostile agent or workload put in the values.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tpcontrol.localenv import local_environment, write_env_file
+from tpcontrol.localenv import EnvFileError, local_environment, write_env_file
 
 HOSTILE = [
     "$(touch {marker})",
@@ -91,6 +92,30 @@ def test_the_env_file_does_not_follow_a_symlink(tmp_path: Path) -> None:
     target.write_text("precious")
     link = tmp_path / "app.env"
     link.symlink_to(target)
-    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+    with pytest.raises(EnvFileError, match="Too many levels of symbolic links"):
         write_env_file(link, {"A": "1"})
     assert target.read_text() == "precious"
+
+
+def test_the_env_file_is_never_written_through_a_hard_link_or_into_a_fifo(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    link = tmp_path / "app.env"
+    os.link(target, link)
+    with pytest.raises(EnvFileError, match="other names"):
+        write_env_file(link, {"A": "1"})
+    assert target.read_text() == "precious"
+    fifo = tmp_path / "fifo.env"
+    os.mkfifo(fifo)
+    with pytest.raises(EnvFileError):  # at once: opening a FIFO must not wait for a reader
+        write_env_file(fifo, {"A": "1"})
+
+
+def test_more_program_changing_variables_are_withheld() -> None:
+    hostile = ["PS0", "PS1", "GIT_CONFIG_COUNT", "GIT_PAGER", "LESSOPEN", "MANPAGER", "CC",
+               "MAKEFLAGS", "GOFLAGS", "PIP_INDEX_URL", "RUSTC_WRAPPER", "SSH_ASKPASS",
+               "OPENSSL_CONF", "LOCPATH", "TERMINFO", "HISTFILE", "TMOUT", "BASHOPTS",
+               "JAVA_OPTS", "DBUS_SESSION_BUS_ADDRESS", "DISPLAY", "ld_preload", "Path"]  # fmt: skip
+    local = local_environment(dict.fromkeys(hostile, "x") | {"APP_COLOR": "blue"})
+    assert local.given == {"APP_COLOR": "blue"}
+    assert sorted(local.withheld) == sorted(hostile)

@@ -425,7 +425,8 @@ def test_a_browsers_request_is_refused_before_anything_happens(
     control_plane: LocalControlPlane,
 ) -> None:
     """A page in the developer's browser can reach the local end of the port-forward; what a
-    browser marks as its own (Origin, Sec-Fetch-*) gets 403 and changes nothing."""
+    browser marks as its own (Origin, Sec-Fetch-*) or sends for a DNS name rebound to it gets
+    403 and changes nothing; the names and addresses real callers use still work."""
 
     async def scenario() -> None:
         async with manager_rig(control_plane, "browser") as rig:
@@ -440,7 +441,18 @@ def test_a_browsers_request_is_refused_before_anything_happens(
                     assert f"header {next(iter(header)).lower()}" in body["error"]
                 async with rig.http.get(rig.url + "/v1/intercepts", headers=header) as r:
                     assert r.status == 403
+            for rebound in ("evil.example:8081", "traffic-manager.ambassador.evil.example"):
+                async with rig.http.post(
+                    rig.url + "/v1/clients", json={"name": "x", "version": "1"},
+                    headers={"Host": rebound},
+                ) as r:  # fmt: skip
+                    assert r.status == 403
+                    assert "Host" in (await r.json())["error"]
             assert rig.manager.state.version == 0  # no session was made
+            for legit in ("localhost:8081", "traffic-manager.ambassador:8081", "[::1]:1",
+                          "10.244.0.7:8081", "traffic-manager.ambassador.svc.cluster.local"):
+                async with rig.http.get(rig.url + "/healthz", headers={"Host": legit}) as r:
+                    assert r.status == 200, legit  # fmt: skip
             status, made = await rig.post("/v1/clients", {"name": "dev", "version": "1"})
             assert status == 201, made  # the same call from a client
 

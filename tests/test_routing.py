@@ -85,6 +85,12 @@ def test_regexes_are_re2_linear_in_the_input() -> None:
         ValueRule.make("regex", r"\pL{1000}", "r")  # compiled in bounded memory, or refused
     with pytest.raises(RuleError, match=r"r: invalid regex.*invalid repetition size"):
         ValueRule.make("regex", "((a{100}){100}){100}", "r")
+    # A program that would make each byte costly once RE2's DFA cache overflows.
+    with pytest.raises(RuleError, match="compiles to 6942 RE2 instructions; at most 1024"):
+        ValueRule.make("regex", "(?s)(?:.*a.{990})", "r")
+    assert ValueRule.make("regex", r"[\w.-]{0,200}@example\.com", "r").matches("a@example.com")
+    with pytest.raises(RuleError, match="header name of 300 characters; at most 256"):
+        HeaderRule.make("x" * 300, "exact", "v", "r")
 
 
 def test_all_header_rules_must_match_then_path_and_methods() -> None:

@@ -23,9 +23,11 @@ import msgspec
 
 from tpcontrol.client import TunnelClient
 from tpcontrol.lifecycle import until_signalled
-from tpcontrol.localenv import local_environment, write_env_file
+from tpcontrol.localenv import EnvFileError, local_environment, write_env_file
 from tpcontrol.portforward import ForwardError, ManagerForward
-from tpproxy.routing import HeaderRule, RuleError
+from tpproxy.agent import SessionLost
+from tpproxy.agent import watch_line as _watch_line
+from tpproxy.routing import HeaderRule, RuleError, ValueRule, check_rule_counts
 from tpproxy.specs import HeaderMatch, Op, PathMatch
 
 HEARTBEAT = 5.0
@@ -84,8 +86,17 @@ class InterceptSession:
             await self.call("DELETE", f"/v1/sessions/{self.session}")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text from the manager or an agent, with control characters (terminal escapes that could
+    retitle the window, write the clipboard or fake a link) shown as `\\xNN`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
 def _fail(message: str) -> int:
-    print(f"tpcontrol: error: {message}", file=sys.stderr)
+    print(f"tpcontrol: error: {printable(message)}", file=sys.stderr)
     return 2
 
 
@@ -98,6 +109,12 @@ async def run_intercept(args: Any) -> int:
     mechanism = "http" if (headers or args.http_path_prefix) else args.mechanism
     if args.http_path_prefix and not args.http_path_prefix.startswith("/"):
         return _fail(f"--http-path-prefix {args.http_path_prefix!r}: must start with /")
+    try:  # all the manager would refuse at create, refused before prepare rolls anything out
+        check_rule_counts(len(headers), 0, "--http-")
+        if args.http_path_prefix:
+            ValueRule.make("prefix", args.http_path_prefix, "--http-path-prefix")
+    except RuleError as exc:
+        return _fail(str(exc).replace("--http-headers:", "--http-header:"))
     forward: ManagerForward | None = None
     args.tunnel_port = None
     if not args.manager:  # the in-cluster manager, through the API with the user's kubeconfig
@@ -124,10 +141,18 @@ async def _with_manager(
             await client.arrive()
         except (aiohttp.ClientError, OSError) as exc:
             return _fail(f"cannot reach the traffic-manager at {args.manager}: {exc}")
+        except UsageError as exc:
+            return _fail(str(exc))
+        except (msgspec.DecodeError, KeyError, TypeError):
+            return _fail(f"{args.manager} does not answer as a traffic-manager does")
         try:
             return await _intercept(client, args, mechanism, headers, forward)
         except UsageError as exc:
             return _fail(str(exc))
+        except (aiohttp.ClientError, OSError) as exc:
+            return _fail(f"the traffic-manager at {args.manager}: {exc or type(exc).__name__}")
+        except (msgspec.DecodeError, KeyError, TypeError, SessionLost) as exc:
+            return _fail(f"unexpected answer from the traffic-manager: {exc!r}"[:300])
         finally:
             await client.depart()
 
@@ -182,7 +207,10 @@ async def _intercept(
             print(f"tpcontrol: {local.notice()}", file=sys.stderr, flush=True)
         env = {**local.given, "TELEPRESENCE_INTERCEPT_ID": live.id}
         if args.env_file:
-            await asyncio.to_thread(write_env_file, Path(args.env_file), env)
+            try:
+                await asyncio.to_thread(write_env_file, Path(args.env_file), env)
+            except EnvFileError as exc:
+                raise UsageError(f"--env-file {exc}") from None
         if args.run:
             return await _run_command(args.run, env)
         await until_signalled()
@@ -321,7 +349,7 @@ async def _until_active(client: InterceptSession, icept: str, wait: float) -> di
     shown = ""
     try:
         async with asyncio.timeout(wait), client.http.get(url) as stream:
-            async for line in stream.content:
+            while line := await _watch_line(stream.content):
                 for intercept in msgspec.json.decode(line):
                     if intercept["id"] != icept:
                         continue
@@ -331,11 +359,13 @@ async def _until_active(client: InterceptSession, icept: str, wait: float) -> di
                         note = (
                             " (pods are rolling out with the agent)" if state == "WAITING" else ""
                         )
-                        print(f"  {state}: {intercept.get('message', '')}{note}", flush=True)
+                        message = printable(str(intercept.get("message", "")))
+                        print(f"  {printable(str(state))}: {message}{note}", flush=True)
                     if state == "ACTIVE":
                         return dict(intercept)
                     if state in ("AGENT_ERROR", "BAD_ARGS", "NO_AGENT", "NO_MECHANISM"):
-                        raise UsageError(f"intercept {icept}: {state}: {intercept.get('message')}")
+                        why = printable(str(intercept.get("message")))
+                        raise UsageError(f"intercept {icept}: {state}: {why}")
     except TimeoutError:
         raise UsageError(f"intercept {icept} not active after {wait:.0f} s") from None
     raise UsageError("the manager ended the watch")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,22 @@ WITHHELD_NAMES = frozenset(
 )  # fmt: skip
 WITHHELD_PREFIXES = (
     "LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "GEM_", "BUNDLE_", "LUA_", "NODE_", "NPM_CONFIG_",
-    "BASH_FUNC_", "MALLOC_", "GLIBC_",
+    "BASH", "MALLOC_", "GLIBC_", "GIT_", "LESS", "GO", "PIP_", "CARGO_", "RUSTC", "RUSTDOC",
+    "OPENSSL_", "SSL_", "TERMINFO", "LOC", "HIST", "MAIL", "DBUS_", "WAYLAND_", "MAKE", "CONDA",
+    "VIRTUAL_ENV", "JAVA", "MAVEN", "GRADLE", "SBT_", "DOTNET_", "NUGET_", "KUBE", "DOCKER_",
+    "CONTAINER", "PODMAN", "AWS_", "GOOGLE_", "AZURE_", "CLOUDSDK_", "SSH", "GPG", "GNUPG",
 )  # fmt: skip
-
-
+WITHHELD_SUFFIXES = ("PAGER", "ASKPASS", "_OPTS", "_OPTIONS", "FLAGS", "_PROXY", "EDITOR")
+WITHHELD_PATTERN = re.compile(r"PS[0-9]|CC|CXX|CPP|LD|AR|AS|SHELLOPTS|TMOUT|DISPLAY|XAUTHORITY")
 def withheld(name: str) -> bool:
     """Whether a variable of this name changes how local programs load or start."""
     upper = name.upper()
-    return upper in WITHHELD_NAMES or upper.startswith(WITHHELD_PREFIXES)
+    return (
+        upper in WITHHELD_NAMES
+        or upper.startswith(WITHHELD_PREFIXES)
+        or upper.endswith(WITHHELD_SUFFIXES)
+        or WITHHELD_PATTERN.fullmatch(upper) is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -87,9 +96,25 @@ def env_file_text(env: Mapping[str, str]) -> str:
     return "".join(f"{name}={shell_quote(value)}\n" for name, value in sorted(env.items()))
 
 
+class EnvFileError(OSError):
+    """The env file cannot be written safely; the message says why."""
+
+
 def write_env_file(path: Path, env: Mapping[str, str]) -> None:
-    """The env file, created (or truncated and narrowed) to mode 0600 before anything is in it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    """The env file, created (or truncated and narrowed) to mode 0600 before anything is in it;
+    only a regular file of the user's own with no other name (no symlink, hard link, FIFO or
+    someone else's file in a shared folder) is ever written."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise EnvFileError(f"{path}: {exc.strerror}") from None
     with os.fdopen(fd, "w") as out:
-        os.fchmod(out.fileno(), 0o600)
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise EnvFileError(f"{path}: not a regular file")
+        if found.st_uid != os.geteuid() or found.st_nlink != 1:
+            raise EnvFileError(f"{path}: another user's file, or one with other names (links)")
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
         out.write(env_file_text(env))

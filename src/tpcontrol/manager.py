@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from kubernetes_asyncio import client as k8s
 
 from tpcontrol import state as st
@@ -159,22 +161,49 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BROWSER_HEADERS = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest")
 
 
-@web.middleware
-async def _no_browsers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A page in a developer's browser can send requests to the local end of a port-forward
-    (127.0.0.1, or a rebound DNS name); browsers mark them with `Origin` or `Sec-Fetch-*`, which
-    no client of this API sends: such requests are refused before any handler runs."""
-    marked = [h for h in BROWSER_HEADERS if h in request.headers]
-    if marked:
-        return _json(
-            ErrorBody(
-                f"refused: a browser's request (header {marked[0]}); the traffic-manager is "
-                "called by tpcontrol and its agents only",
-                "forbidden",
-            ),
-            403,
-        )
-    return await handler(request)
+def host_allowed(host: str, namespace: str) -> bool:
+    """Whether a request's Host names this manager as its callers do: an address (the local end
+    of a port-forward, the pod's IP), `localhost`, or the Service's names. Any other name is a
+    page in a browser that rebound its own DNS name to the port-forward (it sends no Origin)."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]").rstrip(".").lower()
+    service = f"traffic-manager.{namespace}"
+    if name in {"localhost", "traffic-manager", service, f"{service}.svc",
+                f"{service}.svc.cluster.local"}:  # fmt: skip
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def browser_guard(namespace: str) -> Middleware:
+    """Refuse, before any handler runs, what a page in a developer's browser can send to the
+    local end of a port-forward: requests the browser marks (Origin, Sec-Fetch-*), and requests
+    for a DNS name that is not this manager's (DNS rebinding)."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        marked = [h for h in BROWSER_HEADERS if h in request.headers]
+        host = request.headers.get("host", "")
+        if marked or not host_allowed(host, namespace):
+            why = f"header {marked[0]}" if marked else f"Host {printable_host(host)}"
+            return _json(
+                ErrorBody(
+                    f"refused: a browser's request ({why}); the traffic-manager is called by "
+                    "tpcontrol and its agents only",
+                    "forbidden",
+                ),
+                403,
+            )
+        return await handler(request)
+
+    return guard
+
+
+def printable_host(host: str) -> str:
+    return repr(host[:100])
 
 
 def _errors(handler: Handler) -> Handler:
@@ -225,7 +254,9 @@ class Manager:
         self.stopping = False
         self.tunnel = Rendezvous(self.state)
         self.tunnel_port = 0
-        app = web.Application(client_max_size=1024 * 1024, middlewares=[_no_browsers])
+        app = web.Application(
+            client_max_size=1024 * 1024, middlewares=[browser_guard(settings.namespace)]
+        )
         routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v1/clients", self.arrive_client),
             ("POST", "/v1/agents", self.arrive_agent),

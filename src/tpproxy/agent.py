@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
+from aiohttp.http_exceptions import LineTooLong
 
 from tpproxy import __version__
 from tpproxy.config import ConfigError, Sidecar
@@ -37,6 +38,7 @@ log = logging.getLogger("tpproxy.agent")
 APP_ENV_PREFIX = "_TEL_APP_"
 HEARTBEAT = 5.0
 MAX_BACKOFF = 10.0
+CALL_TIMEOUT = 15.0  # seconds for one call to the manager (not the watch)
 MAX_WATCH_LINE = 16 << 20  # one snapshot of the agent's intercepts, environments included
 
 
@@ -89,13 +91,13 @@ def intercept_specs(intercepts: list[Intercept], tunnel: bool = False) -> list[I
     return specs
 
 
-async def _watch_line(content: aiohttp.StreamReader) -> bytes:
+async def watch_line(content: aiohttp.StreamReader) -> bytes:
     """The next line of the watch (b"" at its end). A line over MAX_WATCH_LINE bytes ends the
     session (SessionLost): the rest of it cannot be told from the next line, so the agent
     arrives again and gets a fresh snapshot."""
     try:
         line = await content.readuntil(b"\n", max_size=MAX_WATCH_LINE)
-    except ValueError as exc:  # aiohttp: over max_size
+    except (ValueError, LineTooLong) as exc:  # over max_size (aiohttp's own error)
         raise SessionLost(f"a watch line over {MAX_WATCH_LINE} bytes: {exc}") from None
     return line  # at the end: b"", or a last line without its newline
 
@@ -158,7 +160,9 @@ class Agent:
             delay = min(delay * 2, MAX_BACKOFF)
 
     async def _session(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=None)
+        # Each call must answer within CALL_TIMEOUT (a manager that accepts and never answers
+        # must not hang the agent); only the watch stays open for as long as the session.
+        timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT, connect=5)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             async with http.post(
                 f"{self.manager_url}/v1/agents",
@@ -174,24 +178,33 @@ class Agent:
             async with http.get(f"{self.manager_url}/v1/info") as r:
                 self.tunnel_port = int(msgspec.json.decode(await r.read()).get("tunnelPort", 0))
             heartbeat = asyncio.create_task(self._heartbeat(http, sid))
+            watch = asyncio.create_task(self._watch(http, sid))
             try:
-                url = f"{self.manager_url}/v1/sessions/{sid}/intercepts?watch=1"
-                async with http.get(url) as stream:
-                    if stream.status != 200:
-                        raise SessionLost(f"watch refused: {stream.status}")
-                    self.connected.set()
-                    while line := await _watch_line(stream.content):
-                        try:
-                            intercepts = msgspec.json.decode(line, type=list[Intercept])
-                        except msgspec.DecodeError as exc:  # skipped: the next one may do
-                            log.warning("ignored a watch line from the manager: %s", exc)
-                            continue
-                        await self._apply(intercepts, http, sid)
-                    raise SessionLost("the manager ended the watch")
+                # The session ends with whichever ends first: the watch, or a heartbeat the
+                # manager no longer answers (a dropped connection may never end the watch).
+                done, _ = await asyncio.wait({watch, heartbeat}, return_when="FIRST_COMPLETED")
             finally:
+                watch.cancel()
                 heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await heartbeat
+                await asyncio.gather(watch, heartbeat, return_exceptions=True)
+            for task in done:
+                task.result()  # its error ends the session
+            raise SessionLost("the manager ended the watch")
+
+    async def _watch(self, http: aiohttp.ClientSession, sid: str) -> None:
+        url = f"{self.manager_url}/v1/sessions/{sid}/intercepts?watch=1"
+        forever = aiohttp.ClientTimeout(total=None, connect=5, sock_read=None)
+        async with http.get(url, timeout=forever) as stream:
+            if stream.status != 200:
+                raise SessionLost(f"watch refused: {stream.status}")
+            self.connected.set()
+            while line := await watch_line(stream.content):
+                try:
+                    intercepts = msgspec.json.decode(line, type=list[Intercept])
+                except msgspec.DecodeError as exc:  # skipped: the next one may do
+                    log.warning("ignored a watch line from the manager: %s", str(exc)[:200])
+                    continue
+                await self._apply(intercepts, http, sid)
 
     async def _heartbeat(self, http: aiohttp.ClientSession, sid: str) -> None:
         while True:

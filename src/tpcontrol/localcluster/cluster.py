@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ log = logging.getLogger("tpcontrol.localcluster")
 Json = dict[str, Any]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-NAME = re.compile(r"[a-z][a-z0-9]{0,9}")
+NAME = re.compile(r"(?!machine$)[a-z][a-z0-9]{0,9}")  # "machine": the machine-wide lock
 DNS_IP = "10.96.0.10"
 TOOLS = {
     "containerd": "containerd",
@@ -71,6 +72,7 @@ TOOLS = {
     "ip": "iproute2",
     "iptables": "iptables",
     "conntrack": "conntrack",
+    "kubectl": "kubernetes-client",
 }
 
 
@@ -239,6 +241,10 @@ def _locked(places: ClusterPlaces) -> Iterator[IO[str]]:
         with machine_locked():
             places.lock.unlink(missing_ok=True)
             lock.close()
+            # Whoever gives its name back last puts the machine back (two clusters stopping at
+            # once each see the other running while they reap; this check is serialised).
+            if not clusters_running(except_name=places.name):
+                restore_machine()
 
 
 def reap_abandoned(except_name: str, progress: Callable[[str], None]) -> None:
@@ -269,14 +275,25 @@ def reap_abandoned(except_name: str, progress: Callable[[str], None]) -> None:
 
 
 def _address_in_use(network: NodeNetwork) -> str:
-    """What on the host already has the cluster's /30, if anything (a VPN route, say)."""
-    base = network.host_ip.rsplit(".", 1)[0]
-    for argv in (["ip", "-4", "-o", "addr"], ["ip", "-4", "route"]):
+    """What on the host already has the cluster's /30 (another cluster whose name lands on the
+    same number, a VPN's route), if anything; asked under the machine lock."""
+    mine = ipaddress.ip_network(f"{network.host_ip}/{network.prefix_len}", strict=False)
+    for argv in (["ip", "-4", "-o", "addr"], ["ip", "-4", "route", "show", "table", "all"]):
         done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
         for line in done.stdout.splitlines():
-            if f" {base}." in f" {line}" and network.host_if not in line:
-                return line.strip()
+            words = line.split()
+            device = words[1] if argv[2] == "-o" else _after(words, "dev")
+            if device == network.host_if:
+                continue
+            for word in words:
+                with contextlib.suppress(ValueError):
+                    if "." in word and ipaddress.ip_network(word, strict=False).overlaps(mine):
+                        return line.strip()
     return ""
+
+
+def _after(words: list[str], key: str) -> str:
+    return words[words.index(key) + 1] if key in words[:-1] else ""
 
 
 @dataclass
@@ -331,13 +348,14 @@ class LocalCluster:
             if leftovers:
                 self.progress("removed what an earlier run left: " + "; ".join(leftovers[:4]))
             reap_abandoned(self.name, self.progress)
-            used = _address_in_use(self.network)
-            if used:
-                raise ClusterError(
-                    f"{self.network.host_ip}/30 is in use on this host ({used}); give the "
-                    "cluster another name (its address comes from its name)"
-                )
-            with machine_locked():
+            with machine_locked():  # no other start takes the same address meanwhile
+                used = _address_in_use(self.network)
+                if used:
+                    raise ClusterError(
+                        f"{self.network.host_ip}/30 is in use on this host ({used}); give the "
+                        "cluster another name (its address comes from its name)"
+                    )
+                self.network.create()
                 save_machine()  # before our kubelet changes anything shared
             self._start(timeout)
         except BaseException:
@@ -353,7 +371,6 @@ class LocalCluster:
         for d in (p.state, p.run):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o700)
-        self.network.create()
         self._phase(f"network namespace {self.network.name} with veth {self.network.host_if} "
                     f"({self.network.host_ip} <-> {self.network.node_ip})", started)  # fmt: skip
         self.plane = LocalControlPlane(
@@ -651,6 +668,15 @@ class LocalCluster:
         except (ValueError, KeyError):
             return pods.stderr.strip()
         return pods_trouble(items, happened)
+
+    def service_destinations(self) -> set[str]:
+        """The pod addresses kube-proxy's rules send Service traffic to right now (its DNAT
+        targets in the node's namespace)."""
+        done = subprocess.run(
+            [*self.network.prefix, "iptables-save", "-t", "nat"],
+            capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+        return set(re.findall(r"--to-destination (\d+\.\d+\.\d+\.\d+):", done.stdout))
 
     def container_pid(self, container_id: str) -> int | None:
         """The host pid of a running container (`containerd://ID` as the pod status says)."""

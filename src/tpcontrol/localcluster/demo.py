@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ from kubernetes_asyncio import client as k8s
 
 from tpcontrol.lifecycle import cancel_on_sigterm, child_options
 from tpcontrol.localcluster import images as image_builder
-from tpcontrol.localcluster.cluster import ClusterError, LocalCluster, missing_tools
+from tpcontrol.localcluster.cluster import NAME, ClusterError, LocalCluster, missing_tools
 from tpcontrol.localcluster.controlplane import ControlPlaneError, wait_for_service_account
 from tpcontrol.localcluster.install import install
 from tpcontrol.localcluster.network import NetworkError, open_connection_in
@@ -115,7 +116,7 @@ class Walkthrough:
         try:
             await body(step)
         except (TimeoutError, OSError, EOFError, ValueError, RuntimeError, k8s.ApiException) as exc:
-            step.check(False, f"{type(exc).__name__}: {exc}".strip())
+            step.check(False, f"{type(exc).__name__}: {exc or 'no answer in time'}")
         if step.failures:  # the workload's pods, and the manager's and injector's
             for namespace in (NAMESPACE, self.manager_namespace):
                 why = await asyncio.to_thread(self.cluster.describe_pods, namespace)
@@ -175,12 +176,15 @@ class Walkthrough:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the Service from inside the cluster's network. kube-proxy programs a
         new endpoint a moment after the pod turns ready (until then the Service refuses), so a
-        refusal is retried for `within` seconds, as a client of a real cluster would."""
+        refusal (or a connection attempt that a stopping pod never answers) is retried for
+        `within` seconds, as a client of a real cluster would."""
         deadline = time.monotonic() + within
         while True:
             try:
-                return await open_connection_in(self.cluster.network, self.service_ip, port)
-            except ConnectionRefusedError:
+                return await open_connection_in(
+                    self.cluster.network, self.service_ip, port, within=3
+                )
+            except (ConnectionRefusedError, TimeoutError):  # TimeoutError: a pod going away
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
@@ -272,7 +276,14 @@ class Walkthrough:
                     p for p in pods if _ready(p) and _has_agent(p) == agent and not _terminating(p)
                 ]
                 serving = len(done) == 1 and sum(not _terminating(p) for p in pods) == 1
-                if serving and await self.endpoints() == {done[0]["status"]["podIP"]}:
+                going = {p["status"].get("podIP") for p in pods if _terminating(p)} - {None}
+                if (
+                    serving
+                    and await self.endpoints() == {done[0]["status"]["podIP"]}
+                    # kube-proxy applies the endpoint change a moment later: until its rules
+                    # no longer send to a stopping pod, a connection may still reach one.
+                    and not going & await asyncio.to_thread(self.cluster.service_destinations)
+                ):
                     return done
                 await asyncio.sleep(0.2)
 
@@ -441,6 +452,8 @@ async def _create(api: k8s.ApiClient, doc: Json) -> None:
 async def run_cluster_demo(source: Path, requests: int = 3, name: str = "tpcontrol") -> int:
     """The whole demo; returns the exit code (0: every step held; 130: interrupted)."""
     found = preflight(source)
+    if not NAME.fullmatch(name):
+        found.append(f"--cluster-name {name!r}: 1-10 lowercase letters and digits")
     if found:
         for problem in found:
             print(f"tpcontrol demo: {problem}", file=sys.stderr)
@@ -489,14 +502,17 @@ async def run_cluster_demo(source: Path, requests: int = 3, name: str = "tpcontr
         return 130
     except (
         ClusterError, ControlPlaneError, NetworkError, image_builder.ImageBuildError,
-        k8s.ApiException, OSError,
+        k8s.ApiException, OSError, subprocess.SubprocessError,
     ) as exc:  # fmt: skip
         # Setting up failed (a step's own errors are in its result): say what, not a traceback.
         print(f"tpcontrol demo: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
         if cluster is not None:
-            await _in_thread(cluster.stop)
+            try:
+                await _in_thread(cluster.stop)
+            except (ClusterError, NetworkError, OSError, subprocess.SubprocessError) as exc:
+                print(f"tpcontrol demo: tearing down: {exc}", file=sys.stderr, flush=True)
         uncatch()
     return _summary(walk, time.monotonic() - started)
 
