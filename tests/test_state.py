@@ -22,6 +22,7 @@ from tpcontrol.state import (
     Intercept,
     InterceptRequest,
     InvalidArgument,
+    LimitExceeded,
     ManagerState,
     NotFound,
     PathMatch,
@@ -829,3 +830,25 @@ def test_wire_form_is_camel_case(state: ManagerState) -> None:
         b'{"disposition": "ACTIVE", "podIp": "10.1.1.1", "mechanismDesc": "d"}', type=Review
     )
     assert (decoded.pod_ip, decoded.mechanism_desc) == ("10.1.1.1", "d")
+
+
+def test_sessions_and_intercepts_stop_at_their_limits_with_the_limit_named(
+    state: ManagerState,
+) -> None:
+    from tpcontrol import state as st
+
+    c = client(state)
+    for i in range(st.MAX_INTERCEPTS_PER_SESSION):
+        state.create_intercept(c, http(f"i{i}", ("x-dev", "exact", f"v{i}")))
+    version = state.version
+    with pytest.raises(LimitExceeded, match=r"^intercepts: this session has 64, the limit per"):
+        state.create_intercept(c, http("one-more", ("x-dev", "exact", "more")))
+    assert state.version == version  # nothing changed
+    other = client(state, "bob")  # another session still may
+    state.create_intercept(other, http("b", ("x-dev", "exact", "bob")))
+
+    for _ in range(st.MAX_SESSIONS - 2):
+        client(state, "crowd")
+    with pytest.raises(LimitExceeded, match=r"^sessions: the manager holds 10000, its limit"):
+        client(state, "late")
+    assert len(state._sessions) == st.MAX_SESSIONS

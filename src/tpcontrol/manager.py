@@ -126,6 +126,7 @@ STATUS = {
     "conflict": 409,
     "invalid_argument": 400,
     "permission_denied": 403,
+    "limit_exceeded": 429,
     "user": 422,
     "config": 422,
 }

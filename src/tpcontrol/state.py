@@ -182,6 +182,19 @@ class PermissionDenied(StateError):
     code = "permission_denied"
 
 
+class LimitExceeded(StateError):
+    """More than the manager holds for anyone: the message names the limit."""
+
+    code = "limit_exceeded"
+
+
+# What one manager holds at most; each refusal names its limit. (Per-identity caps come with
+# authenticated callers.)
+MAX_SESSIONS = 10_000  # clients and agents together
+MAX_INTERCEPTS_PER_SESSION = 64
+MAX_INTERCEPTS = 5_000
+
+
 @dataclass(frozen=True, slots=True)
 class Expired:
     """What `expire` dropped: the session ids, and the intercepts removed with client sessions."""
@@ -403,6 +416,11 @@ class ManagerState:
     # -- sessions -----------------------------------------------------------------------------
 
     def _new_session(self, info: ClientInfo | AgentInfo) -> str:
+        if len(self._sessions) >= MAX_SESSIONS:
+            raise LimitExceeded(
+                f"sessions: the manager holds {len(self._sessions)}, its limit "
+                f"({MAX_SESSIONS}); expired sessions are dropped after their TTL"
+            )
         while True:
             session_id = secrets.token_urlsafe(16)
             if session_id not in self._sessions:
@@ -616,6 +634,14 @@ class ManagerState:
         key = _rule_key(intercept_id, req) if req.mechanism == "http" else ()
         if intercept_id in self._intercepts:
             raise AlreadyExists(f"intercept {_q(intercept_id)} already exists")
+        mine = sum(1 for e in self._intercepts.values() if e.intercept.client_session == session_id)
+        if mine >= MAX_INTERCEPTS_PER_SESSION:
+            raise LimitExceeded(
+                f"intercepts: this session has {mine}, the limit per session "
+                f"({MAX_INTERCEPTS_PER_SESSION})"
+            )
+        if len(self._intercepts) >= MAX_INTERCEPTS:
+            raise LimitExceeded(f"intercepts: the manager holds its limit ({MAX_INTERCEPTS})")
         self._check_conflicts(intercept_id, req, key)
         now = self.clock()
         entry = _Entry(
