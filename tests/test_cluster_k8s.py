@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from typing import Any, cast
 
@@ -23,6 +24,15 @@ from .test_e2e_k8s import echo_container
 # Cluster tests wait on kubelet and rollouts; the first one also pays for the session's
 # cluster (images, start, install): a longer bound than the suite's default.
 pytestmark = pytest.mark.timeout(600)
+
+
+async def pod_python(
+    cluster: ClusterUnderTest, ns: str, pod: str, code: str
+) -> subprocess.CompletedProcess[str]:
+    """`code` run by the examples image's python inside the pod (kubelet's exec stream)."""
+    return await asyncio.to_thread(
+        cluster.cluster.kubectl, "-n", ns, "exec", pod, "--", "/opt/examples/bin/python", "-c", code
+    )
 
 
 def test_the_node_is_kubelet_on_containerd(cluster: ClusterUnderTest) -> None:
@@ -66,10 +76,7 @@ def test_a_pod_runs_from_the_examples_image_with_exec_services_and_dns(
                 f" socket.gethostbyname('web.{ns}.svc.cluster.local'),"
                 " socket.gethostbyname('kubernetes.default'))"
             )
-            done = await asyncio.to_thread(
-                cluster.cluster.kubectl, "-n", ns, "exec", name, "--",
-                "/opt/examples/bin/python", "-c", lookup,
-            )  # fmt: skip
+            done = await pod_python(cluster, ns, name, lookup)
             ip = svc.spec.cluster_ip
             assert done.stdout.split() == [ip, ip, "10.96.0.1"], done.stdout + done.stderr
             # Nothing on the host is reachable from a pod, not even on the host's veth end.
@@ -80,10 +87,7 @@ def test_a_pod_runs_from_the_examples_image_with_exec_services_and_dns(
                 f"    socket.create_connection(('{cluster.network.host_ip}', {port}), timeout=5)\n"
                 "    print('connected')\nexcept OSError as exc:\n    print(type(exc).__name__)"
             )
-            done = await asyncio.to_thread(
-                cluster.cluster.kubectl, "-n", ns, "exec", name, "--",
-                "/opt/examples/bin/python", "-c", dial,
-            )  # fmt: skip
+            done = await pod_python(cluster, ns, name, dial)
             host.close()
             assert done.stdout.strip() == "ConnectionRefusedError", done.stdout + done.stderr
 

@@ -107,38 +107,55 @@ async def leave(cli: Cli) -> str:
     return cli.text
 
 
+async def deploy_echo(cluster: ClusterUnderTest, api: k8s.ApiClient, ns: str) -> tuple[str, Json]:
+    """The echo workload (http_echo on a named port, probed) and its Service, once its pod is
+    ready; returns the Service's cluster IP and the pod."""
+    container = echo_container(
+        cluster, "http_echo", 8080, ports=[{"name": "http", "containerPort": 8080}],
+        readinessProbe={"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1},
+    )  # fmt: skip
+    await k8s.AppsV1Api(api).create_namespaced_deployment(
+        ns, cast(Any, deployment("echo", [container]))
+    )
+    svc = await k8s.CoreV1Api(api).create_namespaced_service(
+        ns, cast(Any, service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]))
+    )
+    (pod,) = await wait_for_pods(api, ns, "app=echo", 1, settled(agent=False))
+    return str(svc.spec.cluster_ip), pod
+
+
+async def intercept_alice(
+    cluster: ClusterUnderTest, api: k8s.ApiClient, ns: str, dev_port: int
+) -> tuple[Cli, Json]:
+    """`tpcontrol intercept echo --http-header x-dev=alice` to `dev_port`, once ACTIVE and the
+    rollout has a ready pod with the agent; returns the client and that pod."""
+    cli = await intercept(
+        cluster, ns, "echo", "--port", "http", "--to", str(dev_port),
+        "--http-header", "x-dev=alice",
+    )  # fmt: skip
+    try:
+        pods = await wait_for_pods(
+            api, ns, "app=echo", 1, settled(agent=True), within=90, count_live=True
+        )
+    except BaseException:
+        await stop(cli)
+        raise
+    (pod,) = [p for p in pods if has_agent(p)]
+    return cli, pod
+
+
 def test_http_intercept_through_a_port_forward_to_the_in_cluster_manager(
     cluster: ClusterUnderTest,
 ) -> None:
     async def scenario() -> None:
         dev = await Upstream("dev").start()
         async with cluster.cluster.api() as api, scratch_namespace(api, "e2e") as ns:
-            container = echo_container(
-                cluster, "http_echo", 8080,
-                ports=[{"name": "http", "containerPort": 8080}],
-                readinessProbe={"httpGet": {"path": "/healthz", "port": "http"},
-                                "periodSeconds": 1},
-            )  # fmt: skip
-            await k8s.AppsV1Api(api).create_namespaced_deployment(
-                ns, cast(Any, deployment("echo", [container]))
-            )
-            svc = await k8s.CoreV1Api(api).create_namespaced_service(
-                ns, cast(Any, service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]))
-            )
-            (old,) = await wait_for_pods(api, ns, "app=echo", 1, settled(agent=False))
-            ip = svc.spec.cluster_ip
+            ip, old = await deploy_echo(cluster, api, ns)
             plain = await answers(cluster.network, ip, 80)
             assert plain.startswith(f"served by {old['metadata']['name']}/http"), plain
 
-            cli = await intercept(
-                cluster, ns, "echo", "--port", "http", "--to", str(dev.port),
-                "--http-header", "x-dev=alice",
-            )  # fmt: skip
+            cli, new = await intercept_alice(cluster, api, ns, dev.port)
             try:
-                pods = await wait_for_pods(
-                    api, ns, "app=echo", 1, settled(agent=True), within=90, count_live=True
-                )
-                (new,) = [p for p in pods if has_agent(p)]
                 assert new["metadata"]["name"] != old["metadata"]["name"]  # a rollout
                 agent = next(c for c in new["spec"]["containers"] if c["name"] == "traffic-agent")
                 assert agent["image"] == cluster.images.product.ref  # from the injector's settings

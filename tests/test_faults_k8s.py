@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
 
 import pytest
 from kubernetes_asyncio import client as k8s
@@ -29,32 +28,14 @@ from .cluster_helpers import (
     ClusterUnderTest,
     Json,
     answers,
-    has_agent,
     http_get,
     ready,
     scratch_namespace,
-    settled,
 )
 from .helpers import run
 from .http_servers import Upstream
-from .k8s_helpers import deployment, service, wait_for_pods
-from .test_e2e_k8s import Cli, echo_container, intercept, leave
-
-
-async def deploy_echo(cluster: ClusterUnderTest, api: k8s.ApiClient, ns: str) -> str:
-    """The echo workload and its Service; returns the Service's cluster IP."""
-    container = echo_container(
-        cluster, "http_echo", 8080, ports=[{"name": "http", "containerPort": 8080}],
-        readinessProbe={"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1},
-    )  # fmt: skip
-    await k8s.AppsV1Api(api).create_namespaced_deployment(
-        ns, cast(Any, deployment("echo", [container]))
-    )
-    svc = await k8s.CoreV1Api(api).create_namespaced_service(
-        ns, cast(Any, service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]))
-    )
-    await wait_for_pods(api, ns, "app=echo", 1, settled(agent=False))
-    return str(svc.spec.cluster_ip)
+from .k8s_helpers import wait_for_pods
+from .test_e2e_k8s import Cli, deploy_echo, intercept_alice, leave
 
 
 async def until_reaches(network: NodeNetwork, ip: str, want: str, within: float) -> float:
@@ -84,16 +65,9 @@ async def alice_intercepts_echo(cluster: ClusterUnderTest) -> AsyncIterator[Inte
     reach it; left afterwards."""
     dev = await Upstream("dev").start()
     async with cluster.cluster.api() as api, scratch_namespace(api, "faults") as ns:
-        ip = await deploy_echo(cluster, api, ns)
-        cli = await intercept(
-            cluster, ns, "echo", "--port", "http", "--to", str(dev.port),
-            "--http-header", "x-dev=alice",
-        )  # fmt: skip
+        ip, _ = await deploy_echo(cluster, api, ns)
+        cli, pod = await intercept_alice(cluster, api, ns, dev.port)
         try:
-            pods = await wait_for_pods(
-                api, ns, "app=echo", 1, settled(agent=True), within=90, count_live=True
-            )
-            (pod,) = [p for p in pods if has_agent(p)]
             await until_reaches(cluster.network, ip, "dev GET", within=30)
             yield Intercepted(api, ns, ip, pod, cli)
         finally:
