@@ -185,6 +185,13 @@ def main() -> int:
                     str(plane.kubeconfig),
                     "--agent-port",
                     str(free_port()),
+                    # The agent runs outside a pod (no kubelet here), so it has no pod-bound
+                    # token: permissive lets it in. The clients present the admin kubeconfig's
+                    # token as in use, so their calls and tunnel streams pay for the checks.
+                    "--auth-mode",
+                    "permissive",
+                    "--login-port",
+                    "-1",
                 ],
             )
             wait_port(manager_port)
@@ -205,6 +212,8 @@ def main() -> int:
                     "x-dev=me",
                     "--manager",
                     manager,
+                    "--kubeconfig",
+                    str(plane.kubeconfig),
                 ],
             )
             asyncio.run(stored_entry(plane, ns, work / "config.yaml"))
@@ -242,6 +251,8 @@ def main() -> int:
                     str(dev_bulk),
                     "--manager",
                     manager,
+                    "--kubeconfig",
+                    str(plane.kubeconfig),
                 ],
             )
             deadline = time.monotonic() + 60

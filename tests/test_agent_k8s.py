@@ -77,7 +77,7 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
             ns = await make_namespace(api, unique("agent"))
             config = tmp_path / "config.yaml"
             config.write_text(CONFIG.format(ns=ns, app=app.port, agent=agent_port))
-            manager = Manager(api, ManagerSettings(agent_image=IMAGE))
+            manager = Manager(api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE))
             runner, _ = await manager.start("127.0.0.1", manager_port)
 
             environ = {"_TEL_APP_A_GREETING": "hi", "_TEL_APP_B_OTHER": "x", "PATH": "/bin"}
@@ -134,7 +134,9 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
                     writer.close()
 
                     # It comes back on the same address: the agent arrives again by itself.
-                    manager = Manager(api, ManagerSettings(agent_image=IMAGE))
+                    manager = Manager(
+                        api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE)
+                    )
                     runner, _ = await manager.start("127.0.0.1", manager_port)
                     async with asyncio.timeout(15):
                         await agent.connected.wait()
@@ -192,7 +194,7 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
                 + f"  - {{serviceName: echo, servicePortName: raw, containerPort: {raw_app}, "
                 f"servicePort: 81, agentPort: {tcp_port}}}\n"
             )
-            manager = Manager(api, ManagerSettings(agent_image=IMAGE))
+            manager = Manager(api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE))
             runner, manager_port = await manager.start("127.0.0.1", 0)
             agent, proxy = await start_agent(
                 config, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.9", {}
@@ -321,7 +323,9 @@ def test_a_vanished_client_loses_its_intercepts_and_traffic_returns_to_the_app(
             ns = await make_namespace(api, unique("vanish"))
             config = tmp_path / "config.yaml"
             config.write_text(CONFIG.format(ns=ns, app=app.port, agent=agent_port))
-            manager = Manager(api, ManagerSettings(agent_image=IMAGE, client_ttl=1.0))
+            manager = Manager(
+                api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE, client_ttl=1.0)
+            )
             runner, manager_port = await manager.start()
             agent, proxy = await start_agent(
                 config, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.2", {}

@@ -77,6 +77,10 @@ def traces(places: ClusterPlaces) -> list[str]:
     return found
 
 
+# The step's title line, once alice's intercept (and her local app) is under way.
+ALICE_STEP = "== 4. alice intercepts"
+
+
 def until_line(proc: subprocess.Popen[str], starts: str, within: float) -> list[str]:
     """The demo's output up to the first line that starts with `starts`, read (bounded) on a
     thread, so a demo that goes silent fails the test instead of hanging it."""
@@ -109,7 +113,7 @@ def test_ctrl_c_during_the_demo_tears_everything_down(cluster: ClusterUnderTest)
     before = host_state()
     proc = demo(name)
     try:
-        until_line(proc, "== 3.", within=240)
+        until_line(proc, ALICE_STEP, within=240)
         assert traces(places)  # the cluster runs: its programs, mounts, cgroups
         assert host_state()["links"] != before["links"]  # its veth
         assert dev_processes()  # alice's local app
@@ -135,7 +139,7 @@ def test_a_sigkilled_demo_is_reaped_by_the_next_start(cluster: ClusterUnderTest)
     before = host_state()
     proc = demo(name)
     try:
-        until_line(proc, "== 3.", within=240)
+        until_line(proc, ALICE_STEP, within=240)
     finally:
         proc.kill()
         proc.wait()

@@ -75,7 +75,9 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                 service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]),
                 deployment("echo", [container]),
             )
-            settings = ManagerSettings(agent_image=IMAGE, agent_port=agent_port)
+            settings = ManagerSettings(
+                auth_mode="permissive", agent_image=IMAGE, agent_port=agent_port
+            )
             manager = Manager(api, settings)
             runner, _ = await manager.start("127.0.0.1", manager_port)
             proxy: Proxy | None = None

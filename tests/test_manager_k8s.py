@@ -61,11 +61,16 @@ async def manager_rig(plane: LocalControlPlane, prefix: str, **settings: Any) ->
             manager = Manager(api, ManagerSettings(agent_image=IMAGE, **settings))
             runner, port = await manager.start()
             try:
-                async with aiohttp.ClientSession() as http:
+                async with aiohttp.ClientSession(headers=admin_headers(plane)) as http:
                     yield Rig(api, ns, manager, f"http://127.0.0.1:{port}", http)
             finally:
                 await manager.stop()
                 await runner.cleanup()
+
+
+def admin_headers(plane: LocalControlPlane) -> dict[str, str]:
+    """The cluster admin's credential, as `tpcontrol` sends it from a kubeconfig."""
+    return {"authorization": f"Bearer {plane.tokens['admin']}"}
 
 
 def recreate(workload: Json) -> Json:
@@ -213,19 +218,21 @@ def test_concurrent_prepares_resolver_once_upgrade_and_restart(
                     "registry.example/smart-agent:1.2"
                 }
 
-                status, upgraded = await rig.post(
+                # The image never comes from a request: upgrading to another is refused.
+                status, refused = await rig.post(
                     "/v1/upgrade", {"agentImage": "registry.example/agent:2.0"}
                 )
-                assert status == 200
-                assert sorted(
-                    u for u in upgraded["updated"] if u.startswith(rig.ns + "/")
-                ) == sorted(f"{rig.ns}/{n}" for n in names)
+                assert status == 403, refused
+                assert "agentImage" in refused["error"], refused
                 entries = await rig.entries()
-                assert {e.agent_image for e in entries.values()} == {"registry.example/agent:2.0"}
+                assert {e.agent_image for e in entries.values()} == {
+                    "registry.example/smart-agent:1.2"
+                }
 
-                # A restarted manager starts from the ConfigMap as it is and rolls nothing out.
-                fresh = Manager(rig.api, ManagerSettings(agent_image=IMAGE))
-                runner, _ = await fresh.start()
+                # A restarted manager (its image setting changed) starts from the ConfigMap as
+                # it is and rolls nothing out; an upgrade then writes its image into every entry.
+                fresh = Manager(rig.api, ManagerSettings(agent_image="registry.example/agent:2.0"))
+                runner, port = await fresh.start()
                 try:
                     await settle(Rig(rig.api, rig.ns, fresh, rig.url, rig.http))
                     assert fresh.rollouts.done == []
@@ -233,6 +240,16 @@ def test_concurrent_prepares_resolver_once_upgrade_and_restart(
                         k for k in fresh.watcher.snapshot[rig.ns] if not k.startswith("marker")
                     )
                     assert seen == names
+                    fresh_rig = Rig(rig.api, rig.ns, fresh, f"http://127.0.0.1:{port}", rig.http)
+                    status, upgraded = await fresh_rig.post("/v1/upgrade", {})
+                    assert status == 200, upgraded
+                    assert sorted(
+                        u for u in upgraded["updated"] if u.startswith(rig.ns + "/")
+                    ) == sorted(f"{rig.ns}/{n}" for n in names)
+                    entries = await rig.entries()
+                    assert {e.agent_image for e in entries.values()} == {
+                        "registry.example/agent:2.0"
+                    }
                 finally:
                     await fresh.stop()
                     await runner.cleanup()
@@ -244,7 +261,8 @@ def test_concurrent_prepares_resolver_once_upgrade_and_restart(
 
 def test_sessions_intercepts_reviews_and_watch_over_http(control_plane: LocalControlPlane) -> None:
     async def scenario() -> None:
-        async with manager_rig(control_plane, "sess") as rig:
+        # Permissive: the agent here is this test, with no pod token (test_auth_k8s has those).
+        async with manager_rig(control_plane, "sess", auth_mode="permissive") as rig:
             status, client = await rig.post(
                 "/v1/clients", {"name": "alice@laptop", "version": "0.1.0"}
             )
@@ -321,7 +339,7 @@ def test_sessions_intercepts_reviews_and_watch_over_http(control_plane: LocalCon
                 assert await r.json() == []
 
             # A restarted manager has no sessions: heartbeats get 404, and agents arrive again.
-            fresh = Manager(rig.api, ManagerSettings(agent_image=IMAGE))
+            fresh = Manager(rig.api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE))
             runner, port = await fresh.start()
             try:
                 async with rig.http.post(
@@ -399,7 +417,7 @@ def test_nothing_sent_to_the_manager_makes_it_fail(control_plane: LocalControlPl
             manager = Manager(api, ManagerSettings(agent_image=IMAGE))
             runner, port = await manager.start()
             try:
-                async with aiohttp.ClientSession() as http:
+                async with aiohttp.ClientSession(headers=admin_headers(control_plane)) as http:
                     for path, body in cases:
                         async with http.post(f"http://127.0.0.1:{port}{path}", json=body) as r:
                             assert r.status < 500, (path, body, await r.text())
@@ -449,8 +467,13 @@ def test_a_browsers_request_is_refused_before_anything_happens(
                     assert r.status == 403
                     assert "Host" in (await r.json())["error"]
             assert rig.manager.state.version == 0  # no session was made
-            for legit in ("localhost:8081", "traffic-manager.ambassador:8081", "[::1]:1",
-                          "10.244.0.7:8081", "traffic-manager.ambassador.svc.cluster.local"):
+            for legit in (
+                "localhost:8081",
+                "traffic-manager.ambassador:8081",
+                "[::1]:1",
+                "10.244.0.7:8081",
+                "traffic-manager.ambassador.svc.cluster.local",
+            ):
                 async with rig.http.get(rig.url + "/healthz", headers={"Host": legit}) as r:
                     assert r.status == 200, legit  # fmt: skip
             status, made = await rig.post("/v1/clients", {"name": "dev", "version": "1"})

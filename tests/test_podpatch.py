@@ -41,8 +41,24 @@ AGENT_OWN_MOUNTS = [
     {"name": "traffic-annotations", "mountPath": "/tel_pod_info"},
     {"name": "traffic-config", "mountPath": "/etc/traffic-agent"},
     {"name": "export-volume", "mountPath": "/tel_app_exports"},
+    {
+        "name": "traffic-manager-token",
+        "mountPath": "/var/run/secrets/tpproxy/manager",
+        "readOnly": True,
+    },
 ]
 READINESS = {"exec": {"command": ["/bin/stat", "/tmp/agent/ready"]}}
+# The agent's liveness probe (its event loop answers), its confinement and its resources.
+AGENT_EXTRAS = {
+    "livenessProbe": {
+        "httpGet": {"path": "/livez", "port": 9180},
+        "periodSeconds": 10,
+        "timeoutSeconds": 3,
+        "failureThreshold": 3,
+    },
+    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "256Mi"}},
+}
 INIT = {
     "name": "tel-agent-init",
     "image": IMAGE,
@@ -73,6 +89,20 @@ def agent_volumes(agent_name: str = "echo") -> list[Json]:
             },
         },
         {"name": "export-volume", "emptyDir": {}},
+        {
+            "name": "traffic-manager-token",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": "traffic-manager",
+                            "expirationSeconds": 3600,
+                            "path": "token",
+                        }
+                    }
+                ]
+            },
+        },
     ]
 
 
@@ -238,6 +268,7 @@ def test_worked_example_named_port_gives_the_exact_operations() -> None:
                 ],
                 "volumeMounts": AGENT_OWN_MOUNTS,
                 "readinessProbe": READINESS,
+                **AGENT_EXTRAS,
             },
         },
         {"op": "add", "path": "/spec/volumes", "value": agent_volumes()},
@@ -273,6 +304,7 @@ def test_worked_example_numeric_port_gives_the_exact_operations() -> None:
                 ],
                 "volumeMounts": AGENT_OWN_MOUNTS,
                 "readinessProbe": READINESS,
+                **AGENT_EXTRAS,
             },
         },
         {"op": "add", "path": "/spec/volumes", "value": agent_volumes()},
@@ -310,6 +342,7 @@ def test_section_1_5_example_injects_init_container_two_agent_ports_and_one_rena
         ("add", "/spec/volumes/-"),
         ("add", "/spec/volumes/-"),
         ("add", "/spec/volumes/-"),
+        ("add", "/spec/volumes/-"),
         ("replace", "/spec/containers/0/ports/0/name"),
         ("add", "/metadata/annotations"),
     ]
@@ -331,6 +364,7 @@ def test_section_1_5_example_injects_init_container_two_agent_ports_and_one_rena
         "traffic-annotations",
         "traffic-config",
         "export-volume",
+        "traffic-manager-token",
     ]
     assert patched["metadata"]["annotations"] == {INJECT_ANNOTATION: "enabled"}
 
@@ -721,11 +755,13 @@ def test_only_missing_agent_volumes_are_added() -> None:
     assert [op["value"]["name"] for op in ops if op["path"] == "/spec/volumes/-"] == [
         "traffic-annotations",
         "traffic-config",
+        "traffic-manager-token",
     ]
     assert [v["name"] for v in patched["spec"]["volumes"]] == [
         "export-volume",
         "traffic-annotations",
         "traffic-config",
+        "traffic-manager-token",
     ]
 
 
@@ -792,7 +828,7 @@ def test_agent_with_an_extra_liveness_probe_is_replaced() -> None:
     ops = pod_patch(patched, two_container_sidecar())
 
     assert op_paths(ops) == [("replace", "/spec/containers/2")]
-    assert "livenessProbe" not in ops[0]["value"]
+    assert ops[0]["value"]["livenessProbe"] == AGENT_EXTRAS["livenessProbe"]
 
 
 def test_agent_command_is_set_on_agent_and_init_container() -> None:

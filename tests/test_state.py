@@ -526,7 +526,8 @@ def test_first_review_wins_and_copies_its_payload(state: ManagerState) -> None:
     )
     assert applied
     got = only(state)
-    assert (got.disposition, got.message, got.pod_ip) == ("ACTIVE", "serving", "10.0.0.9")
+    # The pod IP is the agent's own (the manager takes it from the pod), not the review's.
+    assert (got.disposition, got.message, got.pod_ip) == ("ACTIVE", "serving", "10.0.0.1")
     assert (got.environment, got.mechanism_desc) == ({"A": "1"}, "all TCP connections")
     # Another replica's review does not replace it.
     version = state.version

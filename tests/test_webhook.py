@@ -222,7 +222,7 @@ def test_webhook_config_command(tmp_path: Path) -> None:
     (hook,) = config["webhooks"]
     assert hook["failurePolicy"] == "Ignore"
     assert hook["timeoutSeconds"] == 5
-    assert hook["sideEffects"] == "None"
+    assert hook["sideEffects"] == "NoneOnDryRun"
     assert base64.b64decode(hook["clientConfig"]["caBundle"]) == ca
     assert hook["clientConfig"]["service"] == {
         "namespace": "ambassador",

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import ssl
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,3 +229,22 @@ class Authority:
 def not_after(pem: bytes) -> datetime.datetime:
     """When a PEM certificate expires (for the expiry metric and for rotation)."""
     return x509.load_pem_x509_certificate(pem).not_valid_after_utc
+
+
+def _private_dir() -> str | None:
+    """Where a key may touch the disk for the moment it is loaded: memory-backed when possible."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+def load_pem_chain(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Load a certificate and key given as PEM bytes into `context`. Python's ssl loads a chain
+    only from files, so the pair is written into a private (0700) temporary directory, loaded,
+    and removed at once: the key lives on disk only for the duration of the load."""
+    with tempfile.TemporaryDirectory(prefix="tpcontrol-tls-", dir=_private_dir()) as tmp:
+        paths = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
+        for path, data in zip(paths, (cert, key), strict=True):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        context.load_cert_chain(*paths)

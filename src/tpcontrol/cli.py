@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import uvloop
@@ -19,6 +21,9 @@ import uvloop
 from tpcontrol import __version__
 from tpcontrol.lifecycle import until_signalled
 from tpproxy.logs import setup_logging
+
+if TYPE_CHECKING:
+    from tpcontrol.credentials import ManagerCredential
 
 EXIT_USAGE = 2
 
@@ -43,7 +48,18 @@ def _manager_options(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="reach the manager's API at URL directly instead (no port-forward)",
     )
-    parser.add_argument("--kubeconfig", default=_env("kubeconfig"))
+    parser.add_argument(
+        "--login-url",
+        default=_env("login-url"),
+        metavar="URL",
+        help="with --manager: the manager's TLS login port, for a kubeconfig with a client "
+        "certificate",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default=_env("kubeconfig"),
+        help="whose user the manager sees (also what kubectl port-forward uses)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -217,6 +233,19 @@ def _parser() -> argparse.ArgumentParser:
     manager.add_argument(
         "--tunnel-port", type=int, default=int(_env("tunnel-port", "8082") or 8082)
     )
+    manager.add_argument(
+        "--login-port",
+        type=int,
+        default=int(_env("login-port", "8083") or 8083),
+        help="TLS port where a client certificate buys a manager token; -1: none",
+    )
+    manager.add_argument(
+        "--auth-mode",
+        choices=("enforcing", "permissive"),
+        default=_env("auth-mode", "enforcing"),
+        help="enforcing (the default) refuses unauthenticated and unauthorized calls; "
+        "permissive logs what it would refuse and lets it through",
+    )
     _generator_options(manager)
 
     config = sub.add_parser(
@@ -367,6 +396,8 @@ async def _run_manager(args: argparse.Namespace) -> int:
         api_port=args.api_port,
         agent_log_level=args.agent_log_level,
         tunnel_port=args.tunnel_port,
+        login_port=None if args.login_port < 0 else args.login_port,
+        auth_mode=args.auth_mode,
     )
     async with api_client(args.kubeconfig) as api:
         manager = Manager(api, settings)
@@ -379,24 +410,48 @@ async def _run_manager(args: argparse.Namespace) -> int:
 
 
 async def _admin(args: argparse.Namespace) -> int:
+    from tpcontrol.credentials import (
+        CredentialError,
+        ManagerCredential,
+        load_user,
+        plain_http_refusal,
+    )
     from tpcontrol.portforward import ForwardError, ManagerForward
 
+    try:
+        user = load_user(args.kubeconfig)
+    except CredentialError as exc:
+        return _fail(str(exc))
     if args.manager:
-        return await _admin_at(args, args.manager.rstrip("/"))
+        if refusal := plain_http_refusal(args.manager, user):
+            return _fail(refusal)
+        credential = ManagerCredential(user, args.login_url)
+        return await _admin_at(args, args.manager.rstrip("/"), credential)
     try:
         async with ManagerForward(args.port_forward, args.kubeconfig) as forward:
-            return await _admin_at(args, forward.url)
+            credential = ManagerCredential(user, forward.login_url)
+            return await _admin_at(args, forward.url, credential)
     except ForwardError as exc:
         return _fail(str(exc))
 
 
-async def _admin_at(args: argparse.Namespace, base: str) -> int:
+async def _admin_at(args: argparse.Namespace, base: str, credential: ManagerCredential) -> int:
     import aiohttp
 
+    from tpcontrol.credentials import CredentialError
+
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        headers = await credential.headers()
+    except CredentialError as exc:
+        return _fail(str(exc))
+    try:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30), headers=headers
+        ) as http:
             if args.command == "list":
                 async with http.get(f"{base}/v1/intercepts") as r:
+                    if r.status != 200:
+                        return _fail(await _refusal(r))
                     for i in await r.json():
                         spec = i["spec"]
                         where = f"{spec['workload']}.{spec['namespace']}"
@@ -407,18 +462,29 @@ async def _admin_at(args: argparse.Namespace, base: str) -> int:
                 return 0
             if args.command == "explain":
                 async with http.get(f"{base}/v1/intercepts") as r:
+                    if r.status != 200:
+                        return _fail(await _refusal(r))
                     return _explain(args, await r.json())
             if not args.workload and not args.all:
                 return _fail("uninstall: name a WORKLOAD or give --all")
             body = {"namespace": args.namespace, "workload": "" if args.all else args.workload}
             async with http.post(f"{base}/v1/uninstall", json=body) as r:
-                answer = await r.json()
                 if r.status != 200:
-                    return _fail(answer.get("error", str(r.status)))
+                    return _fail(await _refusal(r))
+                answer = await r.json()
                 print("removed: " + (", ".join(answer["removed"]) or "nothing"))
                 return 0
     except (aiohttp.ClientError, OSError) as exc:
         return _fail(f"cannot reach the traffic-manager at {base}: {exc}")
+
+
+async def _refusal(response: Any) -> str:
+    """The manager's `error`, or the status and the start of whatever else it sent."""
+    raw = await response.read()
+    try:
+        return str(json.loads(raw)["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status}: {raw[:200].decode(errors='replace')}"
 
 
 def _explain(args: argparse.Namespace, listed: list[dict[str, object]]) -> int:

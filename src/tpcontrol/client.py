@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import msgspec
 
@@ -32,9 +33,11 @@ class TunnelClient:
         local_host: str,
         local_port: int,
         pool: int = 4,
+        token: Callable[[], str] = lambda: "",
     ) -> None:
         self.manager = (manager_host, tunnel_port)
         self.hello = Hello(role="client", session=session, intercept=intercept)
+        self.token = token
         self.local = (local_host, local_port)
         self.pool = pool
         self.stats = TrafficStats(local_port, intercept, f"{local_host}:{local_port}")
@@ -64,7 +67,8 @@ class TunnelClient:
             self._spawn()
             return
         try:
-            transport.write(msgspec.json.encode(self.hello) + b"\n")
+            hello = msgspec.structs.replace(self.hello, token=self.token())
+            transport.write(msgspec.json.encode(hello) + b"\n")
             line, rest = await reader.line  # answered when an agent's stream is paired with us
             welcome = msgspec.json.decode(line, type=Welcome)
         except (TunnelError, msgspec.DecodeError) as exc:

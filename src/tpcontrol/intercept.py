@@ -22,6 +22,12 @@ import aiohttp
 import msgspec
 
 from tpcontrol.client import TunnelClient
+from tpcontrol.credentials import (
+    CredentialError,
+    ManagerCredential,
+    load_user,
+    plain_http_refusal,
+)
 from tpcontrol.lifecycle import until_signalled
 from tpcontrol.localenv import EnvFileError, local_environment, write_env_file
 from tpcontrol.portforward import ForwardError, ManagerForward
@@ -59,20 +65,37 @@ class InterceptSession:
 
     manager: str
     http: aiohttp.ClientSession
+    credential: ManagerCredential = field(default_factory=lambda: ManagerCredential(None))
     session: str = ""
     intercept: dict[str, Any] = field(default_factory=dict)
 
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One API call with the caller's credential; a refused manager token (the manager
+        restarted) is bought again once."""
+        status, answer = await self._call(method, path, body)
+        if status == 401 and self.credential.user is not None and not self.credential.user.token:
+            self.credential.invalidate()
+            status, answer = await self._call(method, path, body)
+        return status, answer
+
+    async def _call(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         data = msgspec.json.encode(body) if body is not None else None
+        try:
+            headers = await self.credential.headers()
+        except CredentialError as exc:
+            raise UsageError(str(exc)) from None
         async with self.http.request(
             method,
             self.manager + path,
             data=data,
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **headers},
             timeout=CALL_TIMEOUT,  # a forward that accepts but never answers must not hang us
         ) as r:
             raw = await r.read()
-            return r.status, msgspec.json.decode(raw) if raw else None
+            try:
+                return r.status, msgspec.json.decode(raw) if raw else None
+            except msgspec.DecodeError:
+                return r.status, {"error": raw[:300].decode(errors="replace")}
 
     async def arrive(self) -> None:
         name = f"{getpass.getuser()}@{socket.gethostname()}"
@@ -117,6 +140,13 @@ async def run_intercept(args: Any) -> int:
         return _fail(str(exc).replace("--http-headers:", "--http-header:"))
     forward: ManagerForward | None = None
     args.tunnel_port = None
+    try:
+        user = load_user(args.kubeconfig)
+    except CredentialError as exc:
+        return _fail(str(exc))
+    login_url = getattr(args, "login_url", None)
+    if args.manager and (refusal := plain_http_refusal(args.manager, user)):
+        return _fail(refusal)
     if not args.manager:  # the in-cluster manager, through the API with the user's kubeconfig
         try:
             forward = ManagerForward(args.port_forward, args.kubeconfig)
@@ -124,19 +154,25 @@ async def run_intercept(args: Any) -> int:
         except ForwardError as exc:
             return _fail(str(exc))
         args.manager, args.tunnel_port = forward.url, forward.tunnel_port
+        login_url = forward.login_url
     try:
-        return await _with_manager(args, mechanism, headers, forward)
+        credential = ManagerCredential(user, login_url)
+        return await _with_manager(args, mechanism, headers, forward, credential)
     finally:
         if forward is not None:
             await forward.stop()
 
 
 async def _with_manager(
-    args: Any, mechanism: str, headers: list[HeaderMatch], forward: ManagerForward | None
+    args: Any,
+    mechanism: str,
+    headers: list[HeaderMatch],
+    forward: ManagerForward | None,
+    credential: ManagerCredential,
 ) -> int:
     timeout = aiohttp.ClientTimeout(total=None, connect=5)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        client = InterceptSession(args.manager.rstrip("/"), http)
+        client = InterceptSession(args.manager.rstrip("/"), http, credential)
         try:
             await client.arrive()
         except (aiohttp.ClientError, OSError) as exc:
@@ -292,7 +328,13 @@ class LiveIntercept:
         host = urlsplit(client.manager).hostname or "127.0.0.1"
         port = self.tunnel_port or info["tunnelPort"]
         self.tunnel = TunnelClient(
-            host, port, client.session, self.id, "127.0.0.1", self.local_port
+            host,
+            port,
+            client.session,
+            self.id,
+            "127.0.0.1",
+            self.local_port,
+            token=client.credential.current,
         )
         self.tunnel.start()
 
@@ -348,7 +390,14 @@ async def _until_active(client: InterceptSession, icept: str, wait: float) -> di
     url = f"{client.manager}/v1/sessions/{client.session}/intercepts?watch=1"
     shown = ""
     try:
-        async with asyncio.timeout(wait), client.http.get(url) as stream:
+        headers = await client.credential.headers()
+    except CredentialError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        async with asyncio.timeout(wait), client.http.get(url, headers=headers) as stream:
+            if stream.status != 200:
+                raw = await stream.read()
+                raise UsageError(f"watching intercept {icept}: {stream.status} {raw[:300]!r}")
             while line := await _watch_line(stream.content):
                 for intercept in msgspec.json.decode(line):
                     if intercept["id"] != icept:

@@ -5,7 +5,12 @@ manager never edits a workload except through a rollout (`tpcontrol.rollout`): p
 intercept writes the workload's entry in `telepresence-agents`, the watcher rolls the workload
 out, and the webhook injects the agent into the new pods.
 
+Every call but `/healthz` carries a Kubernetes identity (`tpcontrol.auth`) and is authorized
+for its target namespace (`tpcontrol.access`); a session answers only to the identity that
+opened it. `auth_mode="permissive"` logs what enforcing would refuse and lets it through.
+
 Endpoints (all JSON; errors are `{"error": ..., "code": ...}` with a 4xx status):
+  POST   /v1/login                         (TLS port, client certificate) -> {"token", ...}
   POST   /v1/clients                       arrive as a client -> {"sessionId"}
   POST   /v1/agents                        arrive as an agent -> {"sessionId"}
   POST   /v1/sessions/{sid}/remain         heartbeat
@@ -16,7 +21,9 @@ Endpoints (all JSON; errors are `{"error": ..., "code": ...}` with a 4xx status)
   GET    /v1/sessions/{sid}/intercepts     snapshot; ?watch=1 streams one JSON line per change
   POST   /v1/sessions/{sid}/reviews/{id}   an agent's review of an intercept
   POST   /v1/uninstall                     remove entries (one workload or a namespace's all)
-  POST   /v1/upgrade                       regenerate every entry with a new agent image
+  POST   /v1/upgrade                       regenerate every entry with the configured agent image
+  GET    /v1/intercepts                    what the caller may see, others' environments left out
+  GET    /v1/info                          the tunnel's port
   GET    /healthz
 """
 
@@ -26,6 +33,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal, TypeVar
 
@@ -34,15 +42,27 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from kubernetes_asyncio import client as k8s
 
+from tpcontrol import access
 from tpcontrol import state as st
 from tpcontrol.agentconfig import AgentConfigError, GeneratorSettings, generate
+from tpcontrol.auth import (
+    ANONYMOUS,
+    Authenticator,
+    AuthMode,
+    Identity,
+    Unauthenticated,
+    bearer,
+)
+from tpcontrol.certs import Authority
 from tpcontrol.configmap import AgentConfigStore
 from tpcontrol.images import ImageResolver
 from tpcontrol.prepare import PrepareError, check_interceptable, find_intercept
 from tpcontrol.rendezvous import Rendezvous
 from tpcontrol.rollout import AgentConfigWatcher, Rollouts
+from tpcontrol.webhook import context_from_pem
 from tpcontrol.workloads import Workloads
 from tpproxy.config import ConfigError
+from tpproxy.tunnel import Hello
 
 log = logging.getLogger("tpcontrol.manager")
 
@@ -66,6 +86,15 @@ class ManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
     agent_ttl: float = 15.0
     no_agent_timeout: float = 120.0
     tunnel_port: int = 0  # 0: any free port (tests); the deployment uses 8082
+    # The TLS port where a client certificate buys a manager token; None: none (0: any port).
+    login_port: int | None = None
+    auth_mode: AuthMode = "enforcing"
+
+
+MAX_WATCHES_PER_SESSION = 4
+MAX_WATCHES = 10_000
+CLIENT_CA = ("kube-system", "extension-apiserver-authentication", "client-ca-file")
+AGENT_CONTAINER = "traffic-agent"
 
 
 # Kubernetes' own rules for the names a request carries: checked before any API call, so a bad
@@ -108,7 +137,14 @@ class UninstallRequest(msgspec.Struct, frozen=True, rename="camel"):
 
 
 class UpgradeRequest(msgspec.Struct, frozen=True, rename="camel"):
-    agent_image: str
+    agent_image: str = ""  # empty or the configured image: the image never comes from a caller
+
+
+class LoginAnswer(msgspec.Struct, frozen=True, rename="camel"):
+    token: str
+    expires_at: float
+    username: str
+    groups: list[str]
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -126,6 +162,7 @@ STATUS = {
     "conflict": 409,
     "invalid_argument": 400,
     "permission_denied": 403,
+    "unauthenticated": 401,
     "limit_exceeded": 429,
     "user": 422,
     "config": 422,
@@ -215,6 +252,10 @@ def _errors(handler: Handler) -> Handler:
             return await handler(request)
         except BadBody as exc:
             return _error(str(exc), "invalid_argument")
+        except Unauthenticated as exc:
+            answer = _error(str(exc), "unauthenticated")
+            answer.headers["WWW-Authenticate"] = 'Bearer realm="traffic-manager"'
+            return answer
         except st.StateError as exc:
             return _error(str(exc), exc.code)
         except PrepareError as exc:
@@ -247,14 +288,21 @@ class Manager:
         }
         self.store = AgentConfigStore(api, created_by_labels=labels)
         self.rollouts = Rollouts(api)
-        self.watcher = AgentConfigWatcher(api, self.rollouts)
+        self.watcher = AgentConfigWatcher(
+            api, self.rollouts, untouchable=access.SYSTEM_NAMESPACES | {settings.namespace}
+        )
         self.images = ImageResolver(settings.agent_image, settings.image_resolver_url)
         self.changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._version = -1
         self.stopping = False
-        self.tunnel = Rendezvous(self.state)
+        self.auth = Authenticator(api)
+        self.access = access.Access(api, settings.namespace, settings.auth_mode)
+        self.core = k8s.CoreV1Api(api)
+        self.tunnel = Rendezvous(self.state, self.tunnel_check)
         self.tunnel_port = 0
+        self.login_port: int | None = None
+        self.watches: dict[str, int] = {}
         app = web.Application(
             client_max_size=1024 * 1024, middlewares=[browser_guard(settings.namespace)]
         )
@@ -270,12 +318,13 @@ class Manager:
             ("POST", "/v1/sessions/{sid}/reviews/{id}", self.review),
             ("POST", "/v1/uninstall", self.uninstall),
             ("POST", "/v1/upgrade", self.upgrade),
+            ("POST", "/v1/login", self.login),
+            ("GET", "/v1/info", self.info),
+            ("GET", "/v1/intercepts", self.all_intercepts),
         ]
         for method, path, handler in routes:
             app.router.add_route(method, path, _errors(handler))
         app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/v1/info", self.info)
-        app.router.add_get("/v1/intercepts", self.all_intercepts)
         self.app = app
 
     # -- life ---------------------------------------------------------------------------------
@@ -290,8 +339,50 @@ class Manager:
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         bound: int = runner.addresses[0][1]
-        log.info("traffic-manager listening on %s:%d", host, bound)
+        if self.settings.login_port is not None:
+            tls = await self._login_tls()
+            if tls is not None:
+                # Loopback only: the login is reached through a port-forward (which the kubelet
+                # delivers inside the pod), never from another pod.
+                site = web.TCPSite(
+                    runner,
+                    "127.0.0.1",
+                    self.settings.login_port,
+                    ssl_context=tls,
+                    reuse_address=True,
+                )
+                await site.start()
+                self.login_port = runner.addresses[-1][1]
+        log.info(
+            "traffic-manager listening on %s:%d (login %s, authentication %s)",
+            host, bound, self.login_port, self.settings.auth_mode,
+        )  # fmt: skip
         return runner, bound
+
+    async def _login_tls(self) -> ssl.SSLContext | None:
+        """A TLS context that asks for a client certificate signed by the cluster's client CA
+        (the API server publishes it in kube-system); None when the cluster has none."""
+        namespace, name, key = CLIENT_CA
+        try:
+            found = await self.core.read_namespaced_config_map(name, namespace)
+        except k8s.ApiException as exc:
+            log.warning("no client-certificate login: cannot read %s/%s: %s", namespace, name,
+                        exc.reason)  # fmt: skip
+            return None
+        bundle = (found.data or {}).get(key)
+        if not bundle:
+            log.warning("no client-certificate login: %s/%s has no %s", namespace, name, key)
+            return None
+        # Its own serving certificate: clients reach this port through the API server's
+        # port-forward, and what a client proves (a signature over this handshake) is worthless
+        # to anyone else, so they need not verify it.
+        cert, private = Authority.create("traffic-manager-login").issue(
+            "traffic-manager", dns=["localhost", f"traffic-manager.{self.settings.namespace}"]
+        )
+        context = context_from_pem(cert, private)
+        context.load_verify_locations(cadata=bundle)
+        context.verify_mode = ssl.CERT_OPTIONAL
+        return context
 
     async def stop(self) -> None:
         """Stop watching and end every intercept stream (so the runner's cleanup need not wait)."""
@@ -311,6 +402,7 @@ class Manager:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             self.state.expire()
             self.state.check_waiting()
+            self.tunnel.prune({i.id for i in self.state.all_intercepts()})
             await self._wake()
 
     async def _wake(self) -> None:
@@ -322,51 +414,238 @@ class Manager:
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
-    async def all_intercepts(self, _request: web.Request) -> web.Response:
-        """Every intercept, for `tpcontrol list` (ids, owners, dispositions)."""
-        return _json(self.state.all_intercepts())
+    # -- who calls ------------------------------------------------------------------------------
+    def _permissive(self, what: str, why: str) -> bool:
+        if self.settings.auth_mode != "permissive":
+            return False
+        log.warning("permissive: would refuse %s: %s", what, why)
+        return True
 
-    async def info(self, _request: web.Request) -> web.Response:
-        """Where the tunnel listens (same host as this API)."""
+    async def identify(self, header: str | None, *, agent: bool, what: str) -> Identity:
+        """The caller behind a bearer token: a client's, or (agent=True) an agent pod's."""
+        try:
+            token = bearer(header)
+            return await (self.auth.agent if agent else self.auth.client)(token)
+        except Unauthenticated as exc:
+            if self._permissive(what, str(exc)):
+                return ANONYMOUS
+            raise
+
+    async def client_identity(self, request: web.Request) -> Identity:
+        header = request.headers.get("authorization")
+        return await self.identify(header, agent=False, what=f"{request.method} {request.path}")
+
+    def check_owner(self, owner: str, identity: Identity, what: str) -> None:
+        if owner == identity.key:
+            return
+        why = f"{what} belongs to another identity than {identity.username}"
+        if not self._permissive(what, why):
+            raise st.PermissionDenied(why + "; a session answers only to who opened it")
+
+    async def session_identity(self, request: web.Request) -> tuple[str, Identity]:
+        """The session of the path, and its caller, who must be the identity that opened it."""
+        sid = request.match_info["sid"]
+        if self.settings.auth_mode == "enforcing":
+            bearer(request.headers.get("authorization"))  # no credential: 401, not 404
+        owner, is_agent = self.state.owner(sid)
+        identity = await self.identify(
+            request.headers.get("authorization"),
+            agent=is_agent,
+            what=f"{request.method} {request.path}",
+        )
+        self.check_owner(owner, identity, "this session")
+        return sid, identity
+
+    async def tunnel_check(self, hello: Hello) -> None:
+        """A tunnel stream's first line must carry the credential of its session's owner."""
+        owner, is_agent = self.state.owner(hello.session)
+        if is_agent != (hello.role == "agent"):
+            raise st.PermissionDenied(f"role {hello.role!r} does not match the session")
+        header = f"Bearer {hello.token}" if hello.token else None
+        identity = await self.identify(header, agent=is_agent, what="a tunnel stream")
+        self.check_owner(owner, identity, "this session")
+
+    async def _require(self, identity: Identity, *checks: access.Check) -> None:
+        for check in checks:
+            refused = self.access.refused_namespace(check[4]) if check[4] else None
+            if refused:  # whatever the mode: nothing of these namespaces is ever enrolled
+                raise st.PermissionDenied(refused)
+        if identity is not ANONYMOUS:
+            await self.access.require(identity, *checks)
+        elif not self._permissive("an anonymous caller", "no identity to authorize"):
+            raise st.PermissionDenied("no identity to authorize")  # pragma: no cover
+
+    async def login(self, request: web.Request) -> web.Response:
+        """Trade a verified client certificate (TLS port) for an hour's manager token."""
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        if not peer:
+            where = "" if self.login_port else " (this manager has no login port: no client CA)"
+            raise Unauthenticated(
+                "login needs a client certificate signed by the cluster's client CA, presented "
+                f"in the TLS handshake of the login port{where}"
+            )
+        subject = peer.get("subject", ())
+        if any(len(part) != 1 for part in subject):
+            raise Unauthenticated("client certificate: a multi-valued name is not accepted")
+        names = [rdn for part in subject for rdn in part]
+        users = [value for key, value in names if key == "commonName"]
+        groups = [value for key, value in names if key == "organizationName"]
+        if len(users) != 1 or not users[0]:
+            # The API server takes the last CN, a naive reader the first: exactly one, or none.
+            raise Unauthenticated(
+                f"client certificate: {len(users)} common names; exactly one (the user) is needed"
+            )
+        user = users[0]
+        groups.append("system:authenticated")
+        token, expires = self.auth.manager_tokens.issue(user, groups)
+        log.info("login: %s by client certificate", user)
+        return _json(LoginAnswer(token, expires, user, groups))
+
+    async def all_intercepts(self, request: web.Request) -> web.Response:
+        """The intercepts of namespaces where the caller may intercept (`tpcontrol list`);
+        another client's environment is never shown."""
+        identity = await self.client_identity(request)
+        visible: dict[str, bool] = {}
+        shown: list[st.Intercept] = []
+        for icept in self.state.all_intercepts():
+            ns = icept.spec.namespace
+            if ns not in visible:
+                visible[ns] = identity is ANONYMOUS or await self.access.allowed(
+                    identity, access.port_forward(ns)
+                )
+            if not visible[ns]:
+                continue
+            try:
+                owner, _ = self.state.owner(icept.client_session)
+            except st.NotFound:
+                owner = ""
+            if owner != identity.key or not await self._sees_environment(identity, ns):
+                icept = msgspec.structs.replace(icept, environment={})
+            shown.append(icept)
+        return _json(shown)
+
+    async def info(self, request: web.Request) -> web.Response:
+        """Where the tunnel listens (same host as this API); for clients and agents alike."""
+        header = request.headers.get("authorization")
+        try:
+            await self.auth.client(bearer(header))
+        except Unauthenticated:
+            await self.identify(header, agent=True, what="GET /v1/info")
         return _json({"tunnelPort": self.tunnel_port, "version": "0.1.0"})
 
     # -- sessions -------------------------------------------------------------------------------
     async def arrive_client(self, request: web.Request) -> web.Response:
+        identity = await self.client_identity(request)
+        if identity is not ANONYMOUS:
+            await self.access.require_client(identity)
         info = await _body(request, st.ClientInfo)
-        sid = self.state.arrive_client(info)
+        sid = self.state.arrive_client(info, identity.key)
+        log.info("client %s arrived as %s", printable_host(info.name), identity.username)
         await self._wake()
         return _json(SessionId(sid), 201)
 
     async def arrive_agent(self, request: web.Request) -> web.Response:
+        identity = await self.identify(
+            request.headers.get("authorization"), agent=True, what="POST /v1/agents"
+        )
         info = await _body(request, st.AgentInfo)
-        sid = self.state.arrive_agent(info)
+        if identity is not ANONYMOUS:
+            info = await self.verified_agent(identity, info)
+        sid = self.state.arrive_agent(info, identity.key)
         await self._wake()
         return _json(SessionId(sid), 201)
 
+    async def verified_agent(self, identity: Identity, info: st.AgentInfo) -> st.AgentInfo:
+        """What an agent claims, checked against its token's pod: same namespace and pod, a
+        pod with the agent container whose workload (owners followed by UID) is `name`. The
+        pod's IP is the pod's own, whatever the body says."""
+        namespace = identity.service_account_namespace
+        pod_name, pod_uid = identity.pod or ("", "")
+        if info.namespace != namespace:
+            raise st.PermissionDenied(
+                f"namespace: {info.namespace!r} is not the namespace of this agent's pod "
+                f"({namespace!r})"
+            )
+        if info.pod_name and info.pod_name != pod_name:
+            raise st.PermissionDenied(f"podName: {info.pod_name!r} is not this token's pod")
+        try:
+            pod = await self.core.read_namespaced_pod(pod_name, namespace)
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                raise st.PermissionDenied(f"the token's pod {pod_name!r} does not exist") from None
+            raise
+        if pod.metadata.uid != pod_uid:
+            raise st.PermissionDenied(f"the token's pod {pod_name!r} was replaced (uid differs)")
+        if not any(c.name == AGENT_CONTAINER for c in pod.spec.containers or ()):
+            raise st.PermissionDenied(f"pod {pod_name!r} has no {AGENT_CONTAINER} container")
+        workload = await self.workloads.owner_workload(
+            self.workloads.api.sanitize_for_serialization(pod), namespace
+        )
+        owner = (workload or {}).get("metadata", {}).get("name")
+        if owner != info.name:
+            raise st.PermissionDenied(
+                f"name: pod {pod_name!r} belongs to workload {owner!r}, not {info.name!r}"
+            )
+        return msgspec.structs.replace(info, pod_name=pod_name, pod_ip=pod.status.pod_ip or "")
+
     async def remain(self, request: web.Request) -> web.Response:
-        self.state.remain(request.match_info["sid"])
+        sid, identity = await self.session_identity(request)
+        self.state.remain(sid)
+        if not self.state.is_agent(sid) and identity is not ANONYMOUS:
+            await self._reauthorize(sid, identity)
         return web.Response(status=204)
 
+    async def _reauthorize(self, sid: str, identity: Identity) -> None:
+        """Each heartbeat checks again (cached for seconds) that the caller may still hold
+        each of its intercepts: a removed RoleBinding ends them, and their traffic goes back
+        to the app."""
+        revoked = False
+        for icept in self.state.intercepts_for_client(sid):
+            spec = icept.spec
+            checks = (
+                access.port_forward(spec.namespace),
+                access.get_workload(spec.workload_kind, spec.namespace, spec.workload),
+            )
+            lost = [c for c in checks if not await self.access.allowed(identity, c)]
+            if not lost:
+                continue
+            why = f"{identity.username} may no longer {access.describe(lost[0])}"
+            if self._permissive(f"intercept {icept.id}", why):
+                continue
+            log.warning("intercept %s ended: %s", icept.id, why)
+            self.state.revoke(icept.id, why)
+            revoked = True
+        if revoked:
+            await self._wake()
+
     async def depart(self, request: web.Request) -> web.Response:
-        self.state.depart(request.match_info["sid"])
+        sid, _ = await self.session_identity(request)
+        self.state.depart(sid)
         await self._wake()
         return web.Response(status=204)
 
     # -- intercepts -------------------------------------------------------------------------------
     async def prepare(self, request: web.Request) -> web.Response:
-        prepared = await self.prepare_intercept(await _body(request, PrepareRequest))
+        identity = await self.client_identity(request)
+        prepared = await self.prepare_intercept(await _body(request, PrepareRequest), identity)
         return _json(prepared)
 
-    async def prepare_intercept(self, req: PrepareRequest) -> PreparedIntercept:
+    async def prepare_intercept(
+        self, req: PrepareRequest, identity: Identity = ANONYMOUS
+    ) -> PreparedIntercept:
         """Spec 4.3: find the workload, make its entry current, check the port is unambiguous.
 
         Nothing is written when the request is ambiguous; an unchanged entry is not rewritten
-        (so nothing rolls out).
+        (so nothing rolls out). The caller must be allowed to intercept in the namespace before
+        anything there is looked up, so a refusal says nothing of what exists.
         """
+        await self._require(identity, access.port_forward(req.namespace))
         workload = await self.workloads.find(req.workload, req.namespace, req.kind)
         if workload is None:
             what = req.kind or "Deployment, ReplicaSet or StatefulSet"
             raise PrepareError(f"{what} {req.workload!r} not found in namespace {req.namespace!r}")
+        kind = workload.get("kind", "Deployment")
+        await self._require(identity, access.get_workload(kind, req.namespace, req.workload))
         workload.setdefault("metadata", {}).setdefault("namespace", req.namespace)
         check_interceptable(workload)
         image = await self.images.resolve(required=req.mechanism != "tcp")
@@ -408,26 +687,61 @@ class Manager:
         )
 
     async def create_intercept(self, request: web.Request) -> web.Response:
+        sid, identity = await self.session_identity(request)
         body = await _body(request, st.InterceptRequest)
-        intercept = self.state.create_intercept(request.match_info["sid"], body)
+        kind = body.workload_kind or "Deployment"
+        await self._require(
+            identity,
+            access.port_forward(body.namespace),
+            access.get_workload(kind, body.namespace, body.workload),
+        )
+        intercept = self.state.create_intercept(sid, body)
         await self._wake()
         return _json(intercept, 201)
 
     async def remove_intercept(self, request: web.Request) -> web.Response:
-        self.state.remove_intercept(request.match_info["sid"], request.match_info["name"])
+        sid, _ = await self.session_identity(request)
+        self.state.remove_intercept(sid, request.match_info["name"])
         await self._wake()
         return web.Response(status=204)
 
-    def _snapshot(self, sid: str) -> list[st.Intercept]:
+    async def _snapshot(self, sid: str, identity: Identity) -> list[st.Intercept]:
         if self.state.is_agent(sid):
             return self.state.intercepts_for_agent(sid)
-        return self.state.intercepts_for_client(sid)
+        return [
+            i if await self._sees_environment(identity, i.spec.namespace)
+            else msgspec.structs.replace(i, environment={})
+            for i in self.state.intercepts_for_client(sid)
+        ]  # fmt: skip
+
+    async def _sees_environment(self, identity: Identity, namespace: str) -> bool:
+        """The app's environment holds its secrets: only for who may exec into its pods."""
+        if identity is ANONYMOUS:
+            return True  # permissive: nobody to ask
+        return await self.access.allowed(identity, access.exec_pods(namespace))
 
     async def list_intercepts(self, request: web.Request) -> web.StreamResponse:
-        sid = request.match_info["sid"]
-        snapshot = self._snapshot(sid)
+        sid, identity = await self.session_identity(request)
+        snapshot = await self._snapshot(sid, identity)
         if request.query.get("watch") not in ("1", "true"):
             return _json(snapshot)
+        if self.watches.get(sid, 0) >= MAX_WATCHES_PER_SESSION:
+            raise st.LimitExceeded(
+                f"watches per session: this session has {MAX_WATCHES_PER_SESSION} open, the limit"
+            )
+        if sum(self.watches.values()) >= MAX_WATCHES:
+            raise st.LimitExceeded(f"watches: the manager holds its limit ({MAX_WATCHES})")
+        self.watches[sid] = self.watches.get(sid, 0) + 1
+        try:
+            return await self._watch(request, sid, identity, snapshot)
+        finally:
+            self.watches[sid] -= 1
+            if not self.watches[sid]:
+                del self.watches[sid]
+
+    async def _watch(
+        self, request: web.Request, sid: str, identity: Identity, snapshot: list[st.Intercept]
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
         await response.prepare(request)
         last: bytes | None = None
@@ -444,21 +758,35 @@ class Manager:
             if self.stopping:
                 break
             try:
-                snapshot = self._snapshot(sid)
+                snapshot = await self._snapshot(sid, identity)
             except st.StateError:
                 break  # the session is gone: end the stream
         return response
 
     async def review(self, request: web.Request) -> web.Response:
+        sid, _ = await self.session_identity(request)
         body = await _body(request, st.Review)
-        self.state.review(request.match_info["sid"], request.match_info["id"], body)
+        self.state.review(sid, request.match_info["id"], body)
         await self._wake()
         return web.Response(status=204)
 
     # -- cluster-wide operations --------------------------------------------------------------
     async def uninstall(self, request: web.Request) -> web.Response:
         """Remove entries; the watcher rolls the workloads back to pods without the agent."""
+        identity = await self.client_identity(request)
         body = await _body(request, UninstallRequest)
+        # Allowed in the namespace at all before anything of it is read.
+        await self._require(identity, access.port_forward(body.namespace))
+        if body.workload:
+            entry = (await self.store.entries(body.namespace)).get(body.workload)
+            kind = entry.workload_kind if entry is not None else "Deployment"
+            check = access.patch_workload(kind, body.namespace, body.workload)
+            await self._require(identity, check)
+        else:  # every kind it may remove entries of
+            kinds = ("Deployment", "ReplicaSet", "StatefulSet")
+            await self._require(
+                identity, *(access.patch_workload(k, body.namespace, "") for k in kinds)
+            )
         entries = await self.store.entries(body.namespace)
         names = (
             [body.workload] if body.workload else [k for k, v in entries.items() if not v.manual]
@@ -471,12 +799,21 @@ class Manager:
         return _json({"removed": removed})
 
     async def upgrade(self, request: web.Request) -> web.Response:
-        """Regenerate every non-manual entry with a new image (what a Helm hook calls)."""
+        """Regenerate every non-manual entry with the configured agent image (what a Helm hook
+        calls after changing it); a cluster admin's operation."""
+        identity = await self.client_identity(request)
         body = await _body(request, UpgradeRequest)
-        if not body.agent_image.strip():
-            raise st.InvalidArgument("agentImage must not be empty")
+        await self._require(identity, access.UPGRADE)
+        image = await self.images.resolve(required=False)
+        if body.agent_image and body.agent_image != image:
+            raise st.PermissionDenied(
+                f"agentImage: {body.agent_image[:200]!r} is not the configured agent image; the "
+                "image comes from the manager's settings (TPCONTROL_AGENT_IMAGE), never a request"
+            )
         updated: list[str] = []
         for namespace in sorted(self.watcher.snapshot):
+            if self.access.refused_namespace(namespace):
+                continue
             for name, entry in (await self.store.entries(namespace)).items():
                 if entry.manual or entry.create:
                     continue
@@ -488,7 +825,7 @@ class Manager:
                 workload.setdefault("metadata", {}).setdefault("namespace", namespace)
                 services = await self.workloads.services(namespace)
                 try:
-                    sidecar = generate(workload, services, self._generator(body.agent_image))
+                    sidecar = generate(workload, services, self._generator(image))
                 except AgentConfigError as exc:
                     log.warning("upgrade skips %s.%s: %s", name, namespace, exc)
                     continue

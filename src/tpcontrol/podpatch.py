@@ -84,6 +84,11 @@ INJECT_ANNOTATION: Final = "telepresence.getambassador.io/inject-traffic-agent"
 ANNOTATIONS_VOLUME: Final = "traffic-annotations"
 CONFIG_VOLUME: Final = "traffic-config"
 EXPORT_VOLUME: Final = "export-volume"
+MANAGER_TOKEN_VOLUME: Final = "traffic-manager-token"
+MANAGER_TOKEN_DIR: Final = "/var/run/secrets/tpproxy/manager"
+MANAGER_AUDIENCE: Final = "traffic-manager"
+MANAGER_TOKEN_SECONDS: Final = 3600
+AGENT_ADMIN_PORT: Final = 9180  # tpproxy's default admin address: /livez, /readyz, /metrics
 POD_INFO_DIR: Final = "/tel_pod_info"
 CONFIG_DIR: Final = "/etc/traffic-agent"
 EXPORTS_DIR: Final = "/tel_app_exports"
@@ -183,6 +188,22 @@ def agent_volumes(sidecar: Sidecar) -> list[Json]:
             },
         },
         {"name": EXPORT_VOLUME, "emptyDir": {}},
+        # The agent's credential towards the manager: bound to the pod, for the manager only,
+        # rotated by the kubelet (the agent reads it for every call).
+        {
+            "name": MANAGER_TOKEN_VOLUME,
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": MANAGER_AUDIENCE,
+                            "expirationSeconds": MANAGER_TOKEN_SECONDS,
+                            "path": "token",
+                        }
+                    }
+                ]
+            },
+        },
     ]
 
 
@@ -365,6 +386,23 @@ def _agent_container(
         container["envFrom"] = env_from
     container["volumeMounts"] = [*_app_mounts(apps), *_agent_own_mounts()]
     container["readinessProbe"] = {"exec": {"command": ["/bin/stat", READY_FILE]}}
+    # Answered on the agent's event loop: a loop that is stuck fails it and the kubelet
+    # restarts the agent, instead of a Ready pod that forwards nothing.
+    # No capability, no escalation; its redirects are the init container's job (NET_ADMIN).
+    container["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    container["resources"] = {
+        "requests": {"cpu": "10m", "memory": "48Mi"},
+        "limits": {"memory": "256Mi"},
+    }
+    container["livenessProbe"] = {
+        "httpGet": {"path": "/livez", "port": AGENT_ADMIN_PORT},
+        "periodSeconds": 10,
+        "timeoutSeconds": 3,
+        "failureThreshold": 3,
+    }
     return container
 
 
@@ -445,6 +483,7 @@ def _agent_own_mounts() -> list[Json]:
         {"name": ANNOTATIONS_VOLUME, "mountPath": POD_INFO_DIR},
         {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR},
         {"name": EXPORT_VOLUME, "mountPath": EXPORTS_DIR},
+        {"name": MANAGER_TOKEN_VOLUME, "mountPath": MANAGER_TOKEN_DIR, "readOnly": True},
     ]
 
 
@@ -459,7 +498,9 @@ def _agent_essentials(container: Json) -> Json:
         if key in _IGNORED_AGENT_KEYS or value in (None, [], {}):
             continue
         if key in PROBES:
-            value = (value.get("exec") or {}).get("command")
+            value = (value.get("exec") or {}).get("command") or (value.get("httpGet") or {}).get(
+                "path"
+            )
         elif key == "volumeMounts":
             value = _without_tokens(value)
         essentials[key] = value

@@ -1,6 +1,6 @@
 """How a developer's commands reach an in-cluster traffic-manager: `kubectl port-forward`.
 
-The manager's API and tunnel ports are forwarded through the Kubernetes API with the user's
+The manager's API, tunnel and login ports are forwarded through the Kubernetes API with the user's
 kubeconfig (the credentials the user already has; no Service needs to be exposed). kubectl
 forwards to one pod of the Service: when that pod is replaced (a rollout, a deleted pod) the
 forward stops carrying, so `ManagerForward.restart` starts a new kubectl on the *same* local
@@ -17,6 +17,7 @@ from tpcontrol.lifecycle import child_options
 
 API_PORT = 8081
 TUNNEL_PORT = 8082
+LOGIN_PORT = 8083
 _FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) ->")
 
 
@@ -32,7 +33,8 @@ def forwarded_port(line: str) -> int | None:
 
 
 class ManagerForward:
-    """`kubectl port-forward -n NAMESPACE svc/NAME LOCAL:8081 LOCAL:8082`, kept running."""
+    """`kubectl port-forward -n NAMESPACE svc/NAME LOCAL:8081 LOCAL:8082 LOCAL:8083`, kept
+    running."""
 
     def __init__(self, target: str, kubeconfig: str | None = None, within: float = 20) -> None:
         namespace, _, name = target.partition("/")
@@ -44,6 +46,7 @@ class ManagerForward:
         self.within = within
         self.api_port = 0  # the local ends, chosen by kubectl the first time, then kept
         self.tunnel_port = 0
+        self.login_port = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
@@ -51,14 +54,19 @@ class ManagerForward:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
+    @property
+    def login_url(self) -> str:
+        return f"https://127.0.0.1:{self.login_port}"
+
     async def start(self) -> None:
         async with self._lock:
             await self._start()
 
     async def _start(self) -> None:
-        local_api, local_tunnel = self.api_port or "", self.tunnel_port or ""
+        local = [str(p or "") for p in (self.api_port, self.tunnel_port, self.login_port)]
         argv = ["kubectl", "port-forward", "-n", self.namespace, f"svc/{self.service}",
-                f"{local_api}:{API_PORT}", f"{local_tunnel}:{TUNNEL_PORT}"]  # fmt: skip
+                f"{local[0]}:{API_PORT}", f"{local[1]}:{TUNNEL_PORT}",
+                f"{local[2]}:{LOGIN_PORT}"]  # fmt: skip
         if self.kubeconfig:
             argv[1:1] = ["--kubeconfig", self.kubeconfig]
         try:
@@ -85,8 +93,8 @@ class ManagerForward:
                         said.append(line.strip())
                     else:
                         ports.append(port)
-                    if len(ports) == 2:  # kubectl prints the forwards in the order asked
-                        self.api_port, self.tunnel_port = ports
+                    if len(ports) == 3:  # kubectl prints the forwards in the order asked
+                        self.api_port, self.tunnel_port, self.login_port = ports
                         self._proc = proc
                         asyncio.get_running_loop().create_task(_drain(proc))
                         return

@@ -7,23 +7,37 @@ import asyncio
 import logging
 import secrets
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 import msgspec
+from kubernetes_asyncio import client as k8s
 
-from tpcontrol.state import ManagerState, StateError
+from tpcontrol.auth import Unauthenticated
+from tpcontrol.state import LimitExceeded, ManagerState, StateError
 from tpproxy.stats import TrafficStats
 from tpproxy.tunnel import Hello, LineReader, Welcome, join
 
 log = logging.getLogger("tpcontrol.tunnel")
 
 PAIRING_TIMEOUT = 5.0
+MAX_IDLE_PER_INTERCEPT = 16  # a client keeps 4
+MAX_IDLE = 4096
+
+
+async def _anyone(_hello: Hello) -> None:
+    """No check: for a rendezvous whose callers were vetted elsewhere."""
 
 
 class Rendezvous:
     """Idle client streams per intercept, and the agents waiting for one."""
 
-    def __init__(self, state: ManagerState) -> None:
+    def __init__(
+        self, state: ManagerState, check: Callable[[Hello], Awaitable[None]] = _anyone
+    ) -> None:
+        """`check` vets each stream's Hello (its session's owner and credential) and raises
+        StateError or Unauthenticated to refuse it."""
         self.state = state
+        self.check = check
         self.idle: dict[str, deque[tuple[LineReader, bytes]]] = {}
         self.arrived: dict[str, asyncio.Event] = {}
         self.stats = TrafficStats(0, "tunnel", "manager")
@@ -45,6 +59,32 @@ class Rendezvous:
                     reader.transport.abort()
         self.idle.clear()
 
+    def prune(self, live: set[str]) -> int:
+        """Drop parked streams that closed, and every stream of an intercept that is gone (a
+        client that left, an intercept removed): called by the manager's housekeeping, so that
+        what is parked is only what can still be paired. Returns how many were dropped."""
+        dropped = 0
+        for intercept in list(self.idle):
+            streams = self.idle[intercept]
+            keep = deque(
+                (r, rest) for r, rest in streams
+                if intercept in live and r.transport is not None and not r.transport.is_closing()
+            )  # fmt: skip
+            for reader, _ in streams:
+                if all(reader is not k for k, _ in keep) and reader.transport is not None:
+                    reader.transport.abort()
+            dropped += len(streams) - len(keep)
+            if keep:
+                self.idle[intercept] = keep
+            else:
+                del self.idle[intercept]
+        for intercept in [i for i in self.arrived if i not in live]:
+            del self.arrived[intercept]
+        return dropped
+
+    def parked(self) -> int:
+        return sum(len(q) for q in self.idle.values())
+
     def _accept(self) -> LineReader:
         reader = LineReader()
         asyncio.get_running_loop().create_task(self._handshake(reader))
@@ -57,6 +97,14 @@ class Rendezvous:
             hello = msgspec.json.decode(line, type=Hello)
         except (TimeoutError, ConnectionError, msgspec.DecodeError) as exc:
             self._refuse(reader, f"bad handshake: {exc}")
+            return
+        try:
+            await self.check(hello)
+        except (StateError, Unauthenticated) as exc:
+            self._refuse(reader, f"refused: {exc}")
+            return
+        except k8s.ApiException as exc:
+            self._refuse(reader, f"cannot check the credential now: {exc.status} {exc.reason}")
             return
         try:
             if hello.role == "client":
@@ -76,7 +124,16 @@ class Rendezvous:
         owned = {i.id for i in self.state.intercepts_for_client(hello.session)}
         if hello.intercept not in owned:
             raise StateError(f"intercept {hello.intercept!r} is not one of this session's")
-        self.idle.setdefault(hello.intercept, deque()).append((reader, rest))
+        parked = self.idle.setdefault(hello.intercept, deque())
+        while parked and (parked[0][0].transport is None or parked[0][0].transport.is_closing()):
+            parked.popleft()
+        if len(parked) >= MAX_IDLE_PER_INTERCEPT:
+            raise LimitExceeded(
+                f"idle streams per intercept: {MAX_IDLE_PER_INTERCEPT} are parked, the limit"
+            )
+        if self.parked() >= MAX_IDLE:
+            raise LimitExceeded(f"idle streams: the manager holds its limit ({MAX_IDLE})")
+        parked.append((reader, rest))
         self.arrived.setdefault(hello.intercept, asyncio.Event()).set()
 
     def _take(self, intercept: str) -> tuple[LineReader, bytes] | None:

@@ -80,9 +80,11 @@ class AgentConfigWatcher:
         api: k8s.ApiClient,
         rollouts: Rollouts,
         on_entries: Callable[[str, dict[str, Sidecar]], None] | None = None,
+        untouchable: frozenset[str] = frozenset(),
     ) -> None:
         self.core = k8s.CoreV1Api(api)
         self.rollouts = rollouts
+        self.untouchable = untouchable  # namespaces whose entries are never rolled out
         self.snapshot: dict[str, dict[str, str]] = {}
         self.synced = asyncio.Event()
         self.on_entries = on_entries
@@ -144,6 +146,12 @@ class AgentConfigWatcher:
                 continue
             entry = _decode(namespace, key, after if after is not None else before or "")
             if entry is None or entry.manual or entry.create:
+                continue
+            if (entry.workload_name or key) != key or namespace in self.untouchable:
+                # Only the entry's own workload, and never where nothing is enrolled: whoever
+                # may write a ConfigMap must not restart any workload at will through us.
+                log.warning("entry %s.%s names workload %r: not rolled out", key, namespace,
+                            entry.workload_name[:100])  # fmt: skip
                 continue
             if before is not None and after is not None:
                 old_entry = _decode(namespace, key, before)

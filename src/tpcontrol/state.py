@@ -11,9 +11,10 @@ What the state keeps (spec 4.5 and 6, in our own JSON API):
 - Sessions. `arrive_client` / `arrive_agent` return an unguessable session id
   (`secrets.token_urlsafe`); `remain` is the heartbeat; sessions not heard from for longer than
   their TTL (agents 15 s, clients 24 h) are dropped by `expire`, with the same effects as
-  `depart`. Note that, as in Telepresence 2.6, an intercept id is `<clientSessionId>:<name>` and
-  is shown to agents and, in conflict messages, to other clients; the session id is therefore not
-  a secret from those parties, only from everyone else.
+  `depart`. Each session is bound to the identity that opened it (`owner`), and the manager
+  lets only that identity use it, so a session id is not a credential: as in Telepresence 2.6,
+  an intercept id is `<clientSessionId>:<name>`, shown to agents, in listings and as the default
+  routing header, and knowing it lets nobody else act for the session.
 - Intercepts, created by clients and reviewed by agents. Their dispositions:
 
   ============ =================================================================================
@@ -188,11 +189,14 @@ class LimitExceeded(StateError):
     code = "limit_exceeded"
 
 
-# What one manager holds at most; each refusal names its limit. (Per-identity caps come with
-# authenticated callers.)
-MAX_SESSIONS = 10_000  # clients and agents together
+# What one manager holds at most; each refusal names its limit.
+MAX_SESSIONS = 10_000  # of clients; agents have a pool of their own, so clients cannot fill it
+MAX_AGENT_SESSIONS = 10_000
+MAX_SESSIONS_PER_OWNER = 64  # one identity's (a user's, a pod's) live sessions
 MAX_INTERCEPTS_PER_SESSION = 64
+MAX_INTERCEPTS_PER_OWNER = 256
 MAX_INTERCEPTS = 5_000
+MAX_ENVIRONMENT = 256 * 1024  # bytes of names and values an agent may hand out
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +214,7 @@ class Expired:
 class _Session:
     info: ClientInfo | AgentInfo
     last_seen: float
+    owner: str = ""  # the identity it is bound to (`tpcontrol.auth.Identity.key`); "" unbound
 
     @property
     def is_agent(self) -> bool:
@@ -252,6 +257,14 @@ def _q(text: str) -> str:
 def _require(field_name: str, value: str) -> None:
     if not value.strip():
         raise InvalidArgument(f"{field_name} must not be empty")
+
+
+def _check_environment(field_name: str, env: dict[str, str]) -> None:
+    size = sum(len(k) + len(v) for k, v in env.items())
+    if size > MAX_ENVIRONMENT:
+        raise InvalidArgument(
+            f"{field_name}: {size} bytes of names and values; at most {MAX_ENVIRONMENT}"
+        )
 
 
 def _port(field_name: str, value: int) -> None:
@@ -415,29 +428,39 @@ class ManagerState:
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def _new_session(self, info: ClientInfo | AgentInfo) -> str:
-        if len(self._sessions) >= MAX_SESSIONS:
+    def _new_session(self, info: ClientInfo | AgentInfo, owner: str) -> str:
+        agent = isinstance(info, AgentInfo)
+        held = sum(1 for s in self._sessions.values() if s.is_agent == agent)
+        limit = MAX_AGENT_SESSIONS if agent else MAX_SESSIONS
+        if held >= limit:
             raise LimitExceeded(
-                f"sessions: the manager holds {len(self._sessions)}, its limit "
-                f"({MAX_SESSIONS}); expired sessions are dropped after their TTL"
+                f"{'agent ' if agent else ''}sessions: the manager holds {held}, its limit "
+                f"({limit}); expired sessions are dropped after their TTL"
             )
+        if owner:
+            mine = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if mine >= MAX_SESSIONS_PER_OWNER:
+                raise LimitExceeded(
+                    f"sessions per identity: this identity holds {mine}, the limit "
+                    f"({MAX_SESSIONS_PER_OWNER}); end some (or wait for their TTL)"
+                )
         while True:
             session_id = secrets.token_urlsafe(16)
             if session_id not in self._sessions:
                 break
-        self._sessions[session_id] = _Session(info, self.clock())
+        self._sessions[session_id] = _Session(info, self.clock(), owner)
         self._mark()
         return session_id
 
-    def arrive_client(self, info: ClientInfo) -> str:
-        """Open a client session; returns its id (unguessable)."""
+    def arrive_client(self, info: ClientInfo, owner: str = "") -> str:
+        """Open a client session bound to `owner`; returns its id (unguessable)."""
         info = _checked(info, ClientInfo, "client")
         _require("name", info.name)
-        session_id = self._new_session(info)
+        session_id = self._new_session(info, owner)
         self._commit()
         return session_id
 
-    def arrive_agent(self, info: AgentInfo) -> str:
+    def arrive_agent(self, info: AgentInfo, owner: str = "") -> str:
         """Open an agent session; intercepts of its workload waiting for an agent are rechecked.
 
         The agent needs a name (its workload), a namespace and at least one mechanism.
@@ -447,6 +470,7 @@ class ManagerState:
         _require("namespace", info.namespace)
         if not info.mechanisms:
             raise InvalidArgument("mechanisms must name at least one mechanism")
+        _check_environment("environment", info.environment)
         for i, mechanism in enumerate(info.mechanisms):
             _require(f"mechanisms[{i}]", mechanism)
         if info.pod_ip:
@@ -454,7 +478,7 @@ class ManagerState:
                 ipaddress.ip_address(info.pod_ip)
             except ValueError:
                 raise InvalidArgument(f"podIp: {_q(info.pod_ip)} is not an IP address") from None
-        session_id = self._new_session(info)
+        session_id = self._new_session(info, owner)
         self._recheck(info.namespace, info.name)
         self._commit()
         return session_id
@@ -463,6 +487,13 @@ class ManagerState:
         """Whether `session_id` is a live agent session (False for clients and unknown ids)."""
         session = self._sessions.get(session_id)
         return session is not None and session.is_agent
+
+    def owner(self, session_id: str) -> tuple[str, bool]:
+        """The identity a live session is bound to, and whether it is an agent's."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"session {_q(session_id)} not found")
+        return session.owner, session.is_agent
 
     def is_client(self, session_id: str) -> bool:
         """Whether `session_id` is a live client session."""
@@ -640,6 +671,17 @@ class ManagerState:
                 f"intercepts: this session has {mine}, the limit per session "
                 f"({MAX_INTERCEPTS_PER_SESSION})"
             )
+        owner = self._sessions[session_id].owner
+        if owner:
+            owned = {sid for sid, s in self._sessions.items() if s.owner == owner}
+            theirs = sum(
+                1 for e in self._intercepts.values() if e.intercept.client_session in owned
+            )
+            if theirs >= MAX_INTERCEPTS_PER_OWNER:
+                raise LimitExceeded(
+                    f"intercepts per identity: this identity holds {theirs}, the limit "
+                    f"({MAX_INTERCEPTS_PER_OWNER})"
+                )
         if len(self._intercepts) >= MAX_INTERCEPTS:
             raise LimitExceeded(f"intercepts: the manager holds its limit ({MAX_INTERCEPTS})")
         self._check_conflicts(intercept_id, req, key)
@@ -703,6 +745,14 @@ class ManagerState:
         self._commit()
         return removed
 
+    def revoke(self, intercept_id: str, why: str) -> Intercept:
+        """Remove an intercept whose owner lost the right to it (the manager re-checks)."""
+        if intercept_id not in self._intercepts:
+            raise NotFound(f"intercept {_q(intercept_id)} not found")
+        removed = self._remove(intercept_id, why)
+        self._commit()
+        return removed
+
     def remove_intercept_by_id(self, client_session: str, intercept_id: str) -> Intercept:
         """Remove by full id; another client's intercept is refused with PermissionDenied."""
         session_id, _ = self._client(client_session)
@@ -738,6 +788,12 @@ class ManagerState:
                 f"{_q(intercept_id)} of {spec.workload}.{spec.namespace}"
             )
         review = _checked(review, Review, "review")
+        _check_environment("environment", review.environment)
+        if review.pod_ip:
+            try:
+                ipaddress.ip_address(review.pod_ip)
+            except ValueError:
+                raise InvalidArgument(f"podIp: {_q(review.pod_ip)} is not an IP address") from None
         if review.disposition not in _AGENT_SET:
             raise InvalidArgument(
                 f"disposition: agents review with ACTIVE, AGENT_ERROR or BAD_ARGS, "
@@ -753,7 +809,7 @@ class ManagerState:
             entry,
             disposition=review.disposition,
             message=review.message,
-            pod_ip=review.pod_ip or agent.pod_ip,
+            pod_ip=agent.pod_ip or review.pod_ip,  # a verified agent's is its pod's own
             environment=dict(review.environment or agent.environment),
             mechanism_desc=review.mechanism_desc,
         )

@@ -17,7 +17,6 @@ import base64
 import logging
 import os
 import ssl
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from prometheus_client import (
 )
 
 from tpcontrol.agentconfig import AgentConfigError, GeneratorSettings, generate
-from tpcontrol.certs import Authority
+from tpcontrol.certs import Authority, load_pem_chain
 from tpcontrol.configmap import AgentConfigStore
 from tpcontrol.podpatch import PatchError, pod_patch
 from tpcontrol.workloads import Json, Workloads
@@ -143,6 +142,8 @@ class Injector:
             return Outcome(warnings=[f"{where}: no namespace; traffic-agent not injected"])
         if namespace in SYSTEM_NAMESPACES:
             return Outcome(reason=f"{where}: system namespace")
+        if namespace == self.settings.generator.manager_namespace:
+            return Outcome(reason=f"{where}: the traffic-manager's own namespace")
         value = (meta.get("annotations") or {}).get(ANNOTATION, "")
         if value in ("false", "disabled"):
             return Outcome(reason=f"{where}: {ANNOTATION}={value}")
@@ -156,11 +157,29 @@ class Injector:
         if value == "" and self.settings.inject_policy == "WhenEnabled":
             return Outcome(reason=f"{where}: not annotated {ANNOTATION}=enabled (WhenEnabled)")
         try:
-            return await self._inject(pod, namespace, where, enabled=value == "enabled")
+            return await self._inject(
+                pod, namespace, where, enabled=value == "enabled", dry_run=request.dry_run
+            )
         except (AgentConfigError, PatchError, ConfigError) as exc:
             return Outcome(warnings=[f"{where}: traffic-agent not injected: {exc}"])
 
-    async def _inject(self, pod: Json, namespace: str, where: str, *, enabled: bool) -> Outcome:
+    def stored_entry_problem(self, entry: Sidecar, key: str, namespace: str) -> str | None:
+        """Why a stored entry must not be injected: whoever may write the namespace's
+        ConfigMap could otherwise point the agent at another manager or namespace."""
+        wanted_host = f"traffic-manager.{self.settings.generator.manager_namespace}"
+        if entry.agent_name != key:
+            return f"agentName {entry.agent_name[:100]!r} is not its key {key!r}"
+        if entry.namespace != namespace:
+            return f"namespace {entry.namespace[:100]!r} is not the pod's {namespace!r}"
+        if entry.manager_host != wanted_host:
+            return f"managerHost {entry.manager_host[:100]!r} is not {wanted_host!r}"
+        if entry.manager_port != self.settings.generator.manager_port:
+            return f"managerPort {entry.manager_port} is not {self.settings.generator.manager_port}"
+        return None
+
+    async def _inject(
+        self, pod: Json, namespace: str, where: str, *, enabled: bool, dry_run: bool = False
+    ) -> Outcome:
         entries = await self.store.entries(namespace)
         entry = await self.workloads.entry_for(pod, namespace, entries)
         if entry is None and not enabled:
@@ -171,6 +190,10 @@ class Injector:
             # The manager owns existing entries (prepare and upgrade regenerate them): the pod is
             # patched from the entry as stored, which is also what its agent will read. Writing
             # a regeneration here could overwrite a newer entry written in between.
+            key = next(k for k, v in entries.items() if v is entry)
+            problem = self.stored_entry_problem(entry, key, namespace)
+            if problem is not None:
+                return Outcome(warnings=[f"{where}: traffic-agent not injected: entry {problem}"])
             sidecar: Sidecar = entry
         else:
             workload = await self.workloads.owner_workload(pod, namespace)
@@ -179,10 +202,29 @@ class Injector:
                 if enabled:
                     return Outcome(warnings=[f"{where} {problem}; traffic-agent not injected"])
                 return Outcome(reason=f"{where} {problem}")
+            template = workload.get("spec", {}).get("template", {}).get("metadata", {})
+            if (template.get("annotations") or {}).get(ANNOTATION) != "enabled":
+                # The request's pod is what the caller says; the workload is what the API
+                # server holds. Only a workload that asks for the agent is enrolled, so a forged
+                # AdmissionReview cannot enrol one.
+                return Outcome(
+                    warnings=[
+                        f"{where}: its {workload.get('kind')} does not annotate its pods "
+                        f"{ANNOTATION}=enabled; traffic-agent not injected"
+                    ]
+                )
             services = await self.workloads.services(namespace)
             sidecar = generate(workload, services, self.settings.generator)
-            if await self.store.create(sidecar):
+            if dry_run:  # sideEffects NoneOnDryRun: a dry run writes nothing
+                pass
+            elif await self.store.create(sidecar):
                 log.info("%s: stored the agent config of %s", where, sidecar.agent_name)
+        # The image is the injector's own setting, whatever an entry says: an entry is as
+        # trusted as whoever may write the ConfigMap, and the image runs with the app's secrets.
+        image = self.settings.generator.agent_image
+        if sidecar.agent_image != image:
+            log.warning("%s: entry image %r replaced by %r", where, sidecar.agent_image[:99], image)
+            sidecar = msgspec.structs.replace(sidecar, agent_image=image)
         patch = pod_patch(pod, sidecar, agent_command=self.settings.agent_command)
         return Outcome(patch=patch, reason=f"{where}: {len(patch)} patch operation(s)")
 
@@ -195,24 +237,14 @@ def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def _private_dir() -> str | None:
-    """Where a key may touch the disk for the moment it is loaded: memory-backed when possible."""
-    shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
-
-
 def context_from_pem(cert: bytes, key: bytes) -> ssl.SSLContext:
-    """A server context from PEM bytes. Python's ssl loads a certificate chain only from files,
-    so the pair is written into a private (0700) temporary directory, loaded, and removed at once:
-    the key lives on disk only for the duration of the load, and nothing depends on a mounted
-    Secret volume (which the kubelet refreshes a minute or more after the Secret changes)."""
-    with tempfile.TemporaryDirectory(prefix="tpcontrol-tls-", dir=_private_dir()) as tmp:
-        paths = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
-        for path, data in zip(paths, (cert, key), strict=True):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        return _server_context(*paths)
+    """A server context from PEM bytes (see `tpcontrol.certs.load_pem_chain`): nothing depends
+    on a mounted Secret volume, which the kubelet refreshes a minute or more after the Secret
+    changes."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_pem_chain(context, cert, key)
+    return context
 
 
 class SwitchingTls:
@@ -412,7 +444,7 @@ def webhook_configuration(
             }
         ],
         "failurePolicy": "Ignore",
-        "sideEffects": "None",
+        "sideEffects": "NoneOnDryRun",
         "timeoutSeconds": 5,
         "reinvocationPolicy": "Never",
     }

@@ -72,10 +72,18 @@ class Workloads:
             ref = controller_ref(node)
             if ref is None or ref.get("kind") not in WORKLOAD_KINDS:
                 return current
-            owner = await self.get(ref["kind"], ref["name"], namespace)
+            owner = await self.owner(ref, namespace)
             if owner is None:
                 return current
             current = node = owner
+
+    async def owner(self, ref: Json, namespace: str) -> Json | None:
+        """The object an owner reference names, if it is that very object (same UID): a
+        workload deleted and re-created under the same name owns nothing of the old one's."""
+        owner = await self.get(ref.get("kind", ""), ref.get("name", ""), namespace)
+        if owner is None or ref.get("uid") != owner.get("metadata", {}).get("uid"):
+            return None
+        return owner
 
     async def entry_for(
         self, pod: Json, namespace: str, entries: dict[str, Sidecar]
@@ -89,7 +97,7 @@ class Workloads:
             entry = entries.get(ref.get("name", ""))
             if entry is not None and entry.workload_kind in ("", ref.get("kind")):
                 return entry
-            owner = await self.get(ref.get("kind", ""), ref.get("name", ""), namespace)
+            owner = await self.owner(ref, namespace)
             if owner is None:
                 return None
             node = owner

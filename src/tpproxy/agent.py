@@ -39,6 +39,9 @@ APP_ENV_PREFIX = "_TEL_APP_"
 HEARTBEAT = 5.0
 MAX_BACKOFF = 10.0
 CALL_TIMEOUT = 15.0  # seconds for one call to the manager (not the watch)
+# The projected service-account token (audience traffic-manager) the injector mounts.
+MANAGER_TOKEN_FILE = "/var/run/secrets/tpproxy/manager/token"
+MAX_TOKEN = 16 * 1024
 MAX_WATCH_LINE = 16 << 20  # one snapshot of the agent's intercepts, environments included
 
 
@@ -114,8 +117,10 @@ class Agent:
         pod_name: str,
         pod_ip: str,
         environ: Mapping[str, str] | None = None,
+        token_file: str | None = None,
     ) -> None:
         self.proxy = proxy
+        self.token_file = token_file
         self.sidecar = sidecar
         self.base = base
         self.manager_url = manager_url.rstrip("/")
@@ -135,6 +140,21 @@ class Agent:
         self.intercepts: list[Intercept] = []  # the manager's last word, re-applied on reload
         self.reloads = 0
         self.reload_errors = 0
+
+    def token(self) -> str:
+        """The pod's projected token for the manager, read afresh (the kubelet rotates it)."""
+        if not self.token_file:
+            return ""
+        try:
+            with open(self.token_file, encoding="ascii") as f:
+                return f.read(MAX_TOKEN).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("no token for the manager in %s: %s", self.token_file, exc)
+            return ""
+
+    def _headers(self, **extra: str) -> dict[str, str]:
+        token = self.token()
+        return {**extra, "authorization": f"Bearer {token}"} if token else extra
 
     async def run(self) -> None:
         """Arrive, serve the session, and after any failure arrive again (1 s, 2 s, ... 10 s)."""
@@ -167,7 +187,7 @@ class Agent:
             async with http.post(
                 f"{self.manager_url}/v1/agents",
                 data=msgspec.json.encode(self.info),
-                headers={"content-type": "application/json"},
+                headers=self._headers(**{"content-type": "application/json"}),
             ) as r:
                 if r.status != 201:
                     raise SessionLost(f"arrival refused: {r.status} {await r.text()}")
@@ -175,7 +195,7 @@ class Agent:
             log.info(
                 "arrived at %s as %s.%s", self.manager_url, self.info.name, self.info.namespace
             )
-            async with http.get(f"{self.manager_url}/v1/info") as r:
+            async with http.get(f"{self.manager_url}/v1/info", headers=self._headers()) as r:
                 self.tunnel_port = int(msgspec.json.decode(await r.read()).get("tunnelPort", 0))
             heartbeat = asyncio.create_task(self._heartbeat(http, sid))
             watch = asyncio.create_task(self._watch(http, sid))
@@ -194,7 +214,7 @@ class Agent:
     async def _watch(self, http: aiohttp.ClientSession, sid: str) -> None:
         url = f"{self.manager_url}/v1/sessions/{sid}/intercepts?watch=1"
         forever = aiohttp.ClientTimeout(total=None, connect=5, sock_read=None)
-        async with http.get(url, timeout=forever) as stream:
+        async with http.get(url, timeout=forever, headers=self._headers()) as stream:
             if stream.status != 200:
                 raise SessionLost(f"watch refused: {stream.status}")
             self.connected.set()
@@ -209,7 +229,8 @@ class Agent:
     async def _heartbeat(self, http: aiohttp.ClientSession, sid: str) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT)
-            async with http.post(f"{self.manager_url}/v1/sessions/{sid}/remain") as r:
+            remain = f"{self.manager_url}/v1/sessions/{sid}/remain"
+            async with http.post(remain, headers=self._headers()) as r:
                 if r.status == 404:
                     log.warning("the manager lost this agent's session")
                     # Ends the watch as well: the session loop arrives again.
@@ -290,7 +311,9 @@ class Agent:
         host = urlsplit(self.manager_url).hostname or "127.0.0.1"
         sid = self.session_id or ""
         connector = tunnel_connector(
-            host, self.tunnel_port, lambda: Hello(role="agent", session=sid, intercept=intercept_id)
+            host,
+            self.tunnel_port,
+            lambda: Hello(role="agent", session=sid, intercept=intercept_id, token=self.token()),
         )
         return ConnectorTarget(f"tunnel:{intercept_id}", connector)
 
@@ -299,7 +322,9 @@ class Agent:
     ) -> None:
         url = f"{self.manager_url}/v1/sessions/{sid}/reviews/{icept}"
         async with http.post(
-            url, data=msgspec.json.encode(review), headers={"content-type": "application/json"}
+            url,
+            data=msgspec.json.encode(review),
+            headers=self._headers(**{"content-type": "application/json"}),
         ) as r:
             if r.status >= 400:
                 log.warning("review of %s refused: %s %s", icept, r.status, await r.text())
@@ -330,6 +355,7 @@ async def run_agent(
         environ.get("_TEL_AGENT_NAME", ""),
         environ.get("_TEL_AGENT_POD_IP", ""),
         environ,
+        environ.get("TPPROXY_MANAGER_TOKEN_FILE", MANAGER_TOKEN_FILE),
     )
     tasks = [
         asyncio.create_task(agent.run()),

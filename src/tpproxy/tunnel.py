@@ -20,15 +20,17 @@ from tpproxy.forward import WRITE_HIGH_WATER, WRITE_LOW_WATER, _Relay
 from tpproxy.stats import TrafficStats
 from tpproxy.targets import Connector, ProtocolFactory
 
-MAX_LINE = 4096
+MAX_LINE = 20 * 1024  # a Hello with a bearer token of up to 16 KiB
 
 
 class Hello(msgspec.Struct, frozen=True, rename="camel"):
-    """The first line of a stream: who opens it, for which intercept."""
+    """The first line of a stream: who opens it, for which intercept, with which credential
+    (the same bearer token as the API calls of the session)."""
 
     role: Literal["client", "agent"]
     session: str
     intercept: str
+    token: str = ""
 
 
 class Welcome(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):

@@ -6,7 +6,7 @@ tpcontrol; the manager's state (`tpcontrol.state`) re-exports it. camelCase on t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -26,6 +26,15 @@ __all__ = [
     "ReviewDisposition",
 ]
 
+# Bounds on what a caller can make the manager hold (each string is kept per session or per
+# intercept): a name is a Kubernetes name, a text a message; environments are bounded in total
+# by the manager (tpcontrol.state.MAX_ENVIRONMENT).
+Name = Annotated[str, msgspec.Meta(max_length=253)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+Environment = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=1024)], str], msgspec.Meta(max_length=4096)
+]
+
 Mechanism = Literal["tcp", "http"]
 Disposition = Literal[
     "WAITING", "ACTIVE", "AGENT_ERROR", "BAD_ARGS", "NO_AGENT", "NO_MECHANISM", "REMOVED"
@@ -36,10 +45,10 @@ ReviewDisposition = Literal["ACTIVE", "AGENT_ERROR", "BAD_ARGS"]
 class ClientInfo(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """What a client says about itself when it arrives."""
 
-    name: str
-    install_id: str = ""
-    product: str = "tpcontrol"
-    version: str
+    name: Name
+    install_id: Name = ""
+    product: Name = "tpcontrol"
+    version: Name
 
 
 class AgentInfo(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -48,14 +57,14 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     `environment` is the app container's environment as the agent exposes it to clients.
     """
 
-    name: str
-    namespace: str
-    pod_name: str
-    pod_ip: str
-    product: str = "tpproxy"
-    version: str
-    mechanisms: list[str]
-    environment: dict[str, str] = {}
+    name: Name
+    namespace: Name
+    pod_name: Name
+    pod_ip: Name
+    product: Name = "tpproxy"
+    version: Name
+    mechanisms: Annotated[list[Name], msgspec.Meta(max_length=8)]
+    environment: Environment = {}
 
 
 class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -66,20 +75,20 @@ class InterceptRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"
     `methods` and `fallbackToApp` apply to the `http` mechanism only.
     """
 
-    name: str
-    workload: str
-    namespace: str
+    name: Name
+    workload: Name
+    namespace: Name
     workload_kind: WorkloadKind = ""
     mechanism: Mechanism
-    service_name: str
-    service_port_identifier: str = ""
+    service_name: Name
+    service_port_identifier: Name = ""
     container_port: int
     agent_port: int
     headers: list[HeaderMatch] = []
     path: PathMatch | None = None
     methods: list[str] = []
     fallback_to_app: bool = False
-    target_host: str = "127.0.0.1"
+    target_host: Name = "127.0.0.1"
     target_port: int
 
 
@@ -102,7 +111,7 @@ class Review(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """An agent's verdict on an intercept. Empty `podIp`/`environment` mean the agent's own."""
 
     disposition: ReviewDisposition
-    message: str = ""
-    pod_ip: str = ""
-    environment: dict[str, str] = {}
-    mechanism_desc: str = ""
+    message: Text = ""
+    pod_ip: Name = ""
+    environment: Environment = {}
+    mechanism_desc: Text = ""

@@ -12,6 +12,7 @@ etcd; certificates are made with `cryptography`; processes stop in order (API se
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import os
 import secrets
@@ -66,6 +67,9 @@ IDENTITIES = {
     "proxy": "system:kube-proxy,proxy-uid",
     "scheduler": "system:kube-scheduler,scheduler-uid",
     "dns": "system:tpcontrol-dns,dns-uid",  # may only read Services and Endpoints (cluster.py)
+    # Developers for the demo and the tests: users with a token and no grant of their own.
+    "alice": "alice,alice-uid,developers",
+    "bob": "bob,bob-uid,developers",
 }
 
 
@@ -112,6 +116,7 @@ class LocalControlPlane:
     work: Path = field(init=False)
     url: str = field(init=False, default="")
     ca_file: Path = field(init=False)
+    authority: Authority = field(init=False)  # the cluster CA: serving and client certificates
     kubeconfig: Path = field(init=False)
     _procs: list[subprocess.Popen[bytes]] = field(init=False, default_factory=list)
     _names: dict[int, str] = field(init=False, default_factory=dict)
@@ -144,7 +149,7 @@ class LocalControlPlane:
         pki = self.work / "pki"
         (self.work / "logs").mkdir()
         pki.mkdir()
-        ca = Authority.create("tpcontrol-local-ca")
+        ca = self.authority = Authority.create("tpcontrol-local-ca")
         self.ca_file = ca.write(pki)
         (pki / "ca.key").write_bytes(key_pem(ca.key))
         crt, key = ca.issue(
@@ -291,14 +296,31 @@ class LocalControlPlane:
             self.stop()
             raise
 
-    def write_kubeconfig(self, name: str, user: str, bearer: str) -> Path:
-        """A kubeconfig for this control plane that authenticates with a static token."""
-        path = self.work / name
+    def write_kubeconfig(
+        self, name: str, user: str, bearer: str, where: Path | None = None
+    ) -> Path:
+        """A kubeconfig for this control plane that authenticates with a token (a static one,
+        or a service account's), written as `name` in the work directory (or `where`)."""
+        return self._kubeconfig((where or self.work) / name, user, f"{{token: {bearer}}}")
+
+    def write_certificate_kubeconfig(
+        self, name: str, user: str, group: str, where: Path | None = None
+    ) -> Path:
+        """A kubeconfig whose user is a client certificate of this cluster's CA for `user` in
+        `group`: the kind of user kubeadm and kind make."""
+        cert, key = client_certificate(self.authority, user, group)
+        data = (
+            f"{{client-certificate-data: {base64.b64encode(cert).decode()}, "
+            f"client-key-data: {base64.b64encode(key).decode()}}}"
+        )
+        return self._kubeconfig((where or self.work) / name, user, data)
+
+    def _kubeconfig(self, path: Path, user: str, credential: str) -> Path:
         path.write_text(
             "apiVersion: v1\nkind: Config\ncurrent-context: local\n"
             f"clusters: [{{name: local, cluster: {{server: '{self.url}', "
             f"certificate-authority: '{self.ca_file}'}}}}]\n"
-            f"users: [{{name: {user}, user: {{token: {bearer}}}}}]\n"
+            f"users: [{{name: {user}, user: {credential}}}]\n"
             f"contexts: [{{name: local, context: {{cluster: local, user: {user}}}}}]\n"
         )
         path.chmod(0o600)

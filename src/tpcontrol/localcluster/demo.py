@@ -98,6 +98,7 @@ class Walkthrough:
         self.examples = source / "examples"
         self.requests = requests
         self.env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+        self.developer_env: dict[str, dict[str, str]] = {}
         self.steps: list[Step] = []
         self.processes: list[asyncio.subprocess.Process] = []
         self.clients: dict[str, asyncio.subprocess.Process] = {}
@@ -143,9 +144,9 @@ class Walkthrough:
     async def intercept(self, step: Step, name: str, *args: str) -> None:
         """Run `tpcontrol intercept ...` as the developer would, until it says ACTIVE."""
         command = ["intercept", "shop", "-n", NAMESPACE, "--name", name, *args]
-        step.say("$ tpcontrol " + " ".join(_quote(a) for a in command))
+        step.say(f"{name}$ tpcontrol " + " ".join(_quote(a) for a in command))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tpcontrol", *command, env=self.env,
+            sys.executable, "-m", "tpcontrol", *command, env=self.developer_env.get(name, self.env),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             **child_options(),  # type: ignore[arg-type]
         )  # fmt: skip
@@ -312,6 +313,50 @@ class Walkthrough:
 
     # -- the steps ---------------------------------------------------------------------------
 
+    async def developers(self, step: Step) -> None:
+        """alice and bob (token users) and carol (a client certificate of the cluster's CA),
+        each bound to the documented role in the demo's namespace only."""
+        plane = self.cluster.plane
+        rbac = k8s.RbacAuthorizationV1Api(self.api)
+        for name in ("alice", "bob", "carol"):
+            if name == "carol":
+                path = plane.write_certificate_kubeconfig(f"kubeconfig-{name}", name, "developers")
+                how = "a client certificate of the cluster's CA"
+            else:
+                path = plane.write_kubeconfig(f"kubeconfig-{name}", name, plane.tokens[name])
+                how = "a token"
+            self.developer_env[name] = {**os.environ, "KUBECONFIG": str(path)}
+            subject = [{"kind": "User", "name": name, "apiGroup": "rbac.authorization.k8s.io"}]
+            for namespace, kind, role in [
+                (NAMESPACE, "ClusterRole", "traffic-interceptor"),
+                (self.manager_namespace, "Role", "traffic-manager-clients"),
+            ]:
+                binding = {
+                    "metadata": {"name": f"{role}-{name}"},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind,
+                                "name": role},
+                    "subjects": subject,
+                }  # fmt: skip
+                await rbac.create_namespaced_role_binding(namespace, cast(Any, binding))
+            step.check(True, f"{name}: {how}, {path.name}; may intercept in {NAMESPACE} only")
+
+    async def refused(self, step: Step) -> None:
+        """The manager enforces: alice is refused in a namespace where she has no role."""
+        command = ["intercept", "shop", "-n", "default", "--port", "http", "--to", "1"]
+        step.say("alice$ tpcontrol " + " ".join(command))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tpcontrol", *command, env=self.developer_env["alice"],
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            **child_options(),  # type: ignore[arg-type]
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            out, _ = await proc.communicate()
+        said = out.decode().strip()
+        step.check(
+            proc.returncode == 2 and "may not create pods/portforward" in said,
+            f"refused (exit {proc.returncode}): {said.splitlines()[-1] if said else ''}",
+        )
+
     async def run(self) -> None:
         local: dict[str, int] = {}
 
@@ -388,7 +433,8 @@ class Walkthrough:
         async def uninstall(step: Step) -> None:
             step.say(f"$ tpcontrol uninstall shop -n {NAMESPACE}")
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tpcontrol", "uninstall", "shop", "-n", NAMESPACE,
+                # An admin's operation: `patch` on the workload, which the developers' role lacks.
+            sys.executable, "-m", "tpcontrol", "uninstall", "shop", "-n", NAMESPACE,
                 env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             out, _ = await proc.communicate()
@@ -398,9 +444,14 @@ class Walkthrough:
             step.check(names == ["web", "stock"], f"the new pod has no agent: {names}")
             await self.expect_http(step, 80, ["alice", None], ["/web on"] * 2)
 
+        await self.step(
+            "developers get the documented role in namespace shop (enforcing mode)",
+            self.developers,
+        )
         await self.step("deploy the example workload", deploy)
         await self.step("plain traffic through the Service reaches the app", plain)
         await self.step("alice intercepts HTTP port http for requests with x-dev: alice", alice)
+        await self.step("alice may not intercept where she has no role", self.refused)
         await self.step("bob intercepts the same port for x-dev: bob", bob)
         await self.step("carol intercepts TCP port echo (another container)", carol)
         await self.step("everybody leaves: all traffic goes back to the app", leave)
