@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tpcontrol.configmap import AgentConfigStore
+from tpcontrol.kube.configmap import AgentConfigStore
 from tpcontrol.localcluster import LocalControlPlane
 from tpproxy.config import encode_sidecar
 

@@ -17,6 +17,41 @@ from .cluster_helpers import ClusterUnderTest
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_NAME = "tests"  # its own name, network and paths: a demo may run beside the tests
 
+# Each test's layer, as a marker (`./dev test -m unit` runs the pure ones in seconds):
+#   unit     no socket, no subprocess beyond a fake, no API server
+#   proxy    the engine on real loopback sockets (proxies, servers, clients)
+#   control  a real API server (the session's `control_plane`)
+#   e2e      the real node (the session's `cluster`) or the images it runs
+# and, across layers: k8s (an API server of some kind), root, slow.
+PROXY_MODULES = {
+    "test_engine", "test_http", "test_http_differential", "test_http_memory", "test_admin",
+    "test_cli", "test_demo",
+}  # fmt: skip
+E2E_FIXTURES = {"cluster", "built"}
+ROOT_FIXTURES = {"cluster", "built", "netns"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""  # type: ignore[attr-defined]
+        if fixtures & E2E_FIXTURES:
+            layer = "e2e"
+        elif "control_plane" in fixtures:
+            layer = "control"
+        elif module in PROXY_MODULES or "netns" in fixtures:
+            layer = "proxy"
+        else:
+            layer = "unit"
+        item.add_marker(layer)
+        if layer in ("control", "e2e") and "built" not in fixtures:
+            item.add_marker("k8s")
+        if fixtures & ROOT_FIXTURES:
+            item.add_marker("root")
+        if layer == "e2e":
+            item.add_marker("slow")
+
+
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if soft != resource.RLIM_INFINITY and soft < 8192:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(8192, hard), hard))

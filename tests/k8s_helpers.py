@@ -12,9 +12,7 @@ from typing import Any, cast
 
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.agentconfig import GeneratorSettings
-from tpcontrol.localcluster import wait_for_service_account
-from tpcontrol.webhook import (
+from tpcontrol.injector.webhook import (
     Injector,
     ReloadingTls,
     WebhookServer,
@@ -23,6 +21,8 @@ from tpcontrol.webhook import (
     start,
     webhook_configuration,
 )
+from tpcontrol.kube.agentconfig import GeneratorSettings
+from tpcontrol.localcluster import wait_for_service_account
 
 Json = dict[str, Any]
 _names = itertools.count(1)

@@ -10,9 +10,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tpcontrol.client import TunnelClient
+from tpcontrol.client.tunnel import TunnelClient
+from tpcontrol.kube.agentconfig import GeneratorSettings
 from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.manager import Manager, ManagerSettings
+from tpcontrol.manager.api import Manager, ManagerSettings
 from tpproxy.agent import Agent, app_environment
 from tpproxy.config import load_sidecar
 
@@ -77,7 +78,12 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
             ns = await make_namespace(api, unique("agent"))
             config = tmp_path / "config.yaml"
             config.write_text(CONFIG.format(ns=ns, app=app.port, agent=agent_port))
-            manager = Manager(api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE))
+            manager = Manager(
+                api,
+                ManagerSettings(
+                    auth_mode="permissive", generator=GeneratorSettings(agent_image=IMAGE)
+                ),
+            )
             runner, _ = await manager.start("127.0.0.1", manager_port)
 
             environ = {"_TEL_APP_A_GREETING": "hi", "_TEL_APP_B_OTHER": "x", "PATH": "/bin"}
@@ -135,7 +141,10 @@ def test_agent_applies_intercepts_and_survives_a_manager_restart(
 
                     # It comes back on the same address: the agent arrives again by itself.
                     manager = Manager(
-                        api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE)
+                        api,
+                        ManagerSettings(
+                            auth_mode="permissive", generator=GeneratorSettings(agent_image=IMAGE)
+                        ),
                     )
                     runner, _ = await manager.start("127.0.0.1", manager_port)
                     async with asyncio.timeout(15):
@@ -174,7 +183,7 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
     """A TCP intercept delivers a 1 GB echo intact through agent -> manager -> client -> local
     process; an HTTP intercept shares the port by header; a stream for someone else's intercept
     is refused."""
-    from tpcontrol.client import TunnelClient
+    from tpcontrol.client.tunnel import TunnelClient
     from tpproxy.tunnel import Hello, tunnel_connector
 
     from .helpers import EchoProtocol, start_server, stream_through
@@ -194,7 +203,12 @@ def test_intercepts_reach_the_client_through_the_manager_tunnel(
                 + f"  - {{serviceName: echo, servicePortName: raw, containerPort: {raw_app}, "
                 f"servicePort: 81, agentPort: {tcp_port}}}\n"
             )
-            manager = Manager(api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE))
+            manager = Manager(
+                api,
+                ManagerSettings(
+                    auth_mode="permissive", generator=GeneratorSettings(agent_image=IMAGE)
+                ),
+            )
             runner, manager_port = await manager.start("127.0.0.1", 0)
             agent, proxy = await start_agent(
                 config, f"http://127.0.0.1:{manager_port}", "p", "10.0.0.9", {}
@@ -324,7 +338,12 @@ def test_a_vanished_client_loses_its_intercepts_and_traffic_returns_to_the_app(
             config = tmp_path / "config.yaml"
             config.write_text(CONFIG.format(ns=ns, app=app.port, agent=agent_port))
             manager = Manager(
-                api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE, client_ttl=1.0)
+                api,
+                ManagerSettings(
+                    auth_mode="permissive",
+                    generator=GeneratorSettings(agent_image=IMAGE),
+                    client_ttl=1.0,
+                ),
             )
             runner, manager_port = await manager.start()
             agent, proxy = await start_agent(

@@ -20,7 +20,7 @@ from kubernetes_asyncio.client import (
     V1VolumeMount,
 )
 
-from tpcontrol.agentconfig import (
+from tpcontrol.kube.agentconfig import (
     INJECT_SERVICE_NAME,
     INJECT_SERVICE_PORT,
     AgentConfigError,

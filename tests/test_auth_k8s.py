@@ -17,16 +17,16 @@ import msgspec
 import pytest
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.agentconfig import GeneratorSettings, generate
 from tpcontrol.certs import Authority
-from tpcontrol.configmap import AgentConfigStore
-from tpcontrol.credentials import CredentialError, KubeUser, ManagerCredential
+from tpcontrol.client.credentials import CredentialError, KubeUser, ManagerCredential
+from tpcontrol.injector.webhook import AdmissionRequest, Injector, WebhookSettings
+from tpcontrol.kube.agentconfig import GeneratorSettings, generate
+from tpcontrol.kube.configmap import AgentConfigStore
+from tpcontrol.kube.workloads import Workloads
 from tpcontrol.localcluster import LocalControlPlane
 from tpcontrol.localcluster.controlplane import client_certificate
-from tpcontrol.manager import Manager, ManagerSettings
-from tpcontrol.state import MAX_SESSIONS_PER_OWNER
-from tpcontrol.webhook import AdmissionRequest, Injector, WebhookSettings
-from tpcontrol.workloads import Workloads
+from tpcontrol.manager.api import Manager, ManagerSettings
+from tpcontrol.manager.state import MAX_SESSIONS_PER_OWNER
 from tpproxy.tunnel import Hello, LineReader, Welcome
 
 from .auth_helpers import (
@@ -123,7 +123,12 @@ async def auth_rig(plane: LocalControlPlane, **settings: Any) -> AsyncIterator[R
             await bind_client(api, service_account_subject(ns, name))
         alice = await account_token(api, team, "alice")
         bob = await account_token(api, other, "bob")
-        manager = Manager(api, ManagerSettings(agent_image=IMAGE, login_port=0, **settings))
+        manager = Manager(
+            api,
+            ManagerSettings(
+                generator=GeneratorSettings(agent_image=IMAGE), login_port=0, **settings
+            ),
+        )
         runner, port = await manager.start()
         try:
             async with aiohttp.ClientSession() as http:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tpcontrol.credentials import CredentialError, KubeUser, load_user, plain_http_refusal
+from tpcontrol.client.credentials import CredentialError, KubeUser, load_user, plain_http_refusal
 
 
 def kubeconfig(tmp_path: Path, user: str, current: str = "local") -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tpcontrol.cli import main
+from tpcontrol.cli.main import main
 
 
 def test_demo_routes_every_step_as_expected(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.injector_tls import (
+from tpcontrol.injector.tls import (
     SECRET_NAME,
     SERVICE_NAME,
     WEBHOOK_CONFIGURATION_NAME,

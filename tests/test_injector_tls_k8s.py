@@ -20,9 +20,8 @@ import pytest
 from cryptography import x509
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.agentconfig import GeneratorSettings
 from tpcontrol.certs import issued_by, load_certificate, subject_alt_names
-from tpcontrol.injector_tls import (
+from tpcontrol.injector.tls import (
     CA_CERT,
     PREVIOUS_CA,
     SECRET_NAME,
@@ -34,8 +33,7 @@ from tpcontrol.injector_tls import (
     TlsSettings,
     TlsSettingsError,
 )
-from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.webhook import (
+from tpcontrol.injector.webhook import (
     Injector,
     SwitchingTls,
     WebhookServer,
@@ -44,6 +42,8 @@ from tpcontrol.webhook import (
     start,
     webhook_configuration,
 )
+from tpcontrol.kube.agentconfig import GeneratorSettings
+from tpcontrol.localcluster import LocalControlPlane
 
 from .helpers import free_port, run
 from .k8s_helpers import IMAGE, LABEL, make_namespace, unique, until_webhook_called
@@ -365,7 +365,7 @@ def test_garbage_in_the_secret_is_replaced_with_a_warning(
             }
             await k8s.CoreV1Api(api).create_namespaced_secret(ns, cast(Any, junk))
             boot = InjectorTls(api, settings_for(ns, name))
-            with caplog.at_level(logging.WARNING, "tpcontrol.injector_tls"):
+            with caplog.at_level(logging.WARNING, "tpcontrol.injector.tls"):
                 await boot.reconcile()
             assert f"Secret {ns}/{SECRET_NAME}: ca.crt/ca.key: CA certificate: unreadable" in (
                 caplog.text
@@ -385,7 +385,7 @@ def test_garbage_in_the_secret_is_replaced_with_a_warning(
             # A certificate for other names (the Service was renamed) is re-issued; the CA stays.
             caplog.clear()
             renamed = InjectorTls(api, settings_for(ns, name, service="injector"))
-            with caplog.at_level(logging.WARNING, "tpcontrol.injector_tls"):
+            with caplog.at_level(logging.WARNING, "tpcontrol.injector.tls"):
                 await renamed.reconcile()
             assert f"tls.crt: not valid for injector.{ns}" in caplog.text
             again = await read_secret(api, ns)

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Awaitable
 from pathlib import Path
 
-from tpcontrol.configmap import AgentConfigStore
+from tpcontrol.kube.agentconfig import GeneratorSettings
+from tpcontrol.kube.configmap import AgentConfigStore
 from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.manager import Manager, ManagerSettings
+from tpcontrol.manager.api import Manager, ManagerSettings
 from tpproxy.config import encode_sidecar
 from tpproxy.server import Proxy
 
@@ -76,7 +77,8 @@ def test_intercept_survives_a_manager_restart_explain_and_leave(
                 deployment("echo", [container]),
             )
             settings = ManagerSettings(
-                auth_mode="permissive", agent_image=IMAGE, agent_port=agent_port
+                auth_mode="permissive",
+                generator=GeneratorSettings(agent_image=IMAGE, agent_port=agent_port),
             )
             manager = Manager(api, settings)
             runner, _ = await manager.start("127.0.0.1", manager_port)
@@ -167,7 +169,7 @@ def test_port_forward_option(control_plane: LocalControlPlane) -> None:
     is parsed for the local ports, and a forward that cannot start is one clear line, exit 2."""
     import subprocess
 
-    from tpcontrol.portforward import forwarded_port
+    from tpcontrol.client.portforward import forwarded_port
 
     assert forwarded_port("Forwarding from 127.0.0.1:41234 -> 8081\n") == 41234
     assert forwarded_port("Forwarding from [::1]:41234 -> 8081\n") is None

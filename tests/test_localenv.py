@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tpcontrol.localenv import EnvFileError, local_environment, write_env_file
+from tpcontrol.client.localenv import EnvFileError, local_environment, write_env_file
 
 HOSTILE = [
     "$(touch {marker})",

@@ -14,10 +14,11 @@ import aiohttp
 from aiohttp import web
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.configmap import AgentConfigStore
+from tpcontrol.kube.agentconfig import GeneratorSettings
+from tpcontrol.kube.configmap import AgentConfigStore
 from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.manager import Manager, ManagerSettings
-from tpcontrol.rollout import RESTARTED_AT
+from tpcontrol.manager.api import Manager, ManagerSettings
+from tpcontrol.names import RESTARTED_AT
 
 from .helpers import run
 from .k8s_helpers import (
@@ -58,7 +59,9 @@ async def manager_rig(plane: LocalControlPlane, prefix: str, **settings: Any) ->
     async with plane.api() as api:
         ns = await make_namespace(api, unique(prefix))
         async with running_webhook(api, ns):
-            manager = Manager(api, ManagerSettings(agent_image=IMAGE, **settings))
+            manager = Manager(
+                api, ManagerSettings(generator=GeneratorSettings(agent_image=IMAGE), **settings)
+            )
             runner, port = await manager.start()
             try:
                 async with aiohttp.ClientSession(headers=admin_headers(plane)) as http:
@@ -231,7 +234,12 @@ def test_concurrent_prepares_resolver_once_upgrade_and_restart(
 
                 # A restarted manager (its image setting changed) starts from the ConfigMap as
                 # it is and rolls nothing out; an upgrade then writes its image into every entry.
-                fresh = Manager(rig.api, ManagerSettings(agent_image="registry.example/agent:2.0"))
+                fresh = Manager(
+                    rig.api,
+                    ManagerSettings(
+                        generator=GeneratorSettings(agent_image="registry.example/agent:2.0")
+                    ),
+                )
                 runner, port = await fresh.start()
                 try:
                     await settle(Rig(rig.api, rig.ns, fresh, rig.url, rig.http))
@@ -339,7 +347,12 @@ def test_sessions_intercepts_reviews_and_watch_over_http(control_plane: LocalCon
                 assert await r.json() == []
 
             # A restarted manager has no sessions: heartbeats get 404, and agents arrive again.
-            fresh = Manager(rig.api, ManagerSettings(auth_mode="permissive", agent_image=IMAGE))
+            fresh = Manager(
+                rig.api,
+                ManagerSettings(
+                    auth_mode="permissive", generator=GeneratorSettings(agent_image=IMAGE)
+                ),
+            )
             runner, port = await fresh.start()
             try:
                 async with rig.http.post(
@@ -414,7 +427,7 @@ def test_nothing_sent_to_the_manager_makes_it_fail(control_plane: LocalControlPl
 
     async def scenario(cases: list[tuple[str, Any]]) -> None:
         async with control_plane.api() as api:
-            manager = Manager(api, ManagerSettings(agent_image=IMAGE))
+            manager = Manager(api, ManagerSettings(generator=GeneratorSettings(agent_image=IMAGE)))
             runner, port = await manager.start()
             try:
                 async with aiohttp.ClientSession(headers=admin_headers(control_plane)) as http:

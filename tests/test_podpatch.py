@@ -13,7 +13,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from tpcontrol.podpatch import (
+from tpcontrol.injector.podpatch import (
     INJECT_ANNOTATION,
     PatchError,
     agent_container,

@@ -12,7 +12,7 @@ from typing import Any, cast
 import pytest
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.configmap import AgentConfigStore
+from tpcontrol.kube.configmap import AgentConfigStore
 
 from .auth_helpers import (
     account_token,

@@ -1,4 +1,4 @@
-"""The traffic-manager's in-memory state (tpcontrol.state): sessions, intercepts, their rules.
+"""The traffic-manager's in-memory state (tpcontrol.manager.state): sessions, intercepts, their rules.
 
 Time is a fake clock, a `list[float]` the tests advance (`now[0] += 15`), injected as
 `ManagerState(clock=...)`: it replaces time so that TTLs and the NO_AGENT timeout are tested at
@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from tpcontrol.state import (
+from tpcontrol.manager.state import (
     WAITING_MESSAGE,
     AgentInfo,
     AlreadyExists,
@@ -30,6 +30,7 @@ from tpcontrol.state import (
     Review,
     StateError,
 )
+from tpcontrol.names import CLIENT_TTL
 from tpproxy.routing import PortRoutes
 from tpproxy.specs import InterceptSpec, build_routes
 from tpproxy.targets import Address
@@ -119,10 +120,10 @@ def test_session_ids_are_distinct_unguessable_and_typed(state: ManagerState) -> 
 
 def test_client_ttl_boundary_and_remain(state: ManagerState, now: list[float]) -> None:
     c = client(state)
-    now[0] += 24 * 3600.0  # exactly the TTL: still alive
+    now[0] += CLIENT_TTL  # exactly the TTL (one place: tpcontrol.names): still alive
     assert state.expire().sessions == []
     state.remain(c)
-    now[0] += 24 * 3600.0 - 1  # the heartbeat restarted the TTL
+    now[0] += CLIENT_TTL - 1  # the heartbeat restarted the TTL
     assert state.expire().sessions == []
     now[0] += 1.5
     assert state.expire().sessions == [c]
@@ -148,7 +149,7 @@ def test_agent_ttl_boundary_and_remain(state: ManagerState, now: list[float]) ->
 def test_expire_of_a_client_removes_its_intercepts(state: ManagerState, now: list[float]) -> None:
     c = client(state)
     icept = state.create_intercept(c, req())
-    now[0] += 24 * 3600.0 + 1
+    now[0] += CLIENT_TTL + 1
     expired = state.expire()
     assert expired.sessions == [c]
     assert [(i.id, i.disposition) for i in expired.intercepts] == [(icept.id, "REMOVED")]
@@ -836,7 +837,7 @@ def test_wire_form_is_camel_case(state: ManagerState) -> None:
 def test_sessions_and_intercepts_stop_at_their_limits_with_the_limit_named(
     state: ManagerState,
 ) -> None:
-    from tpcontrol import state as st
+    from tpcontrol.manager import state as st
 
     c = client(state)
     for i in range(st.MAX_INTERCEPTS_PER_SESSION):

@@ -16,10 +16,8 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpcontrol.agentconfig import GeneratorSettings
 from tpcontrol.certs import Authority
-from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.webhook import (
+from tpcontrol.injector.webhook import (
     Injector,
     ReloadingTls,
     WebhookServer,
@@ -27,6 +25,8 @@ from tpcontrol.webhook import (
     self_signed,
     start,
 )
+from tpcontrol.kube.agentconfig import GeneratorSettings
+from tpcontrol.localcluster import LocalControlPlane
 
 from .helpers import run
 

@@ -9,10 +9,10 @@ from typing import Any, cast
 import pytest
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.agentconfig import GeneratorSettings, generate
-from tpcontrol.configmap import CONFIGMAP_NAME, AgentConfigStore
+from tpcontrol.kube.agentconfig import GeneratorSettings, generate
+from tpcontrol.kube.configmap import CONFIGMAP_NAME, AgentConfigStore
+from tpcontrol.kube.workloads import Workloads
 from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.workloads import Workloads
 
 from .helpers import run
 from .k8s_helpers import (
@@ -252,7 +252,7 @@ def test_inject_policies_and_opt_out_annotations(control_plane: LocalControlPlan
     pods annotated `enabled` are injected, and their entry is generated and stored on the way."""
 
     async def scenario() -> None:
-        from tpcontrol.webhook import WebhookSettings
+        from tpcontrol.injector.webhook import WebhookSettings
 
         async with control_plane.api() as api:
             ns = await make_namespace(api, unique("policy"))

@@ -2,6 +2,6 @@
 
 import sys
 
-from tpcontrol.cli import main
+from tpcontrol.cli.main import main
 
 sys.exit(main())

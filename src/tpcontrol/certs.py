@@ -248,3 +248,13 @@ def load_pem_chain(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         context.load_cert_chain(*paths)
+
+
+def context_from_pem(cert: bytes, key: bytes) -> ssl.SSLContext:
+    """A server context from PEM bytes (see `tpcontrol.certs.load_pem_chain`): nothing depends
+    on a mounted Secret volume, which the kubelet refreshes a minute or more after the Secret
+    changes."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_pem_chain(context, cert, key)
+    return context

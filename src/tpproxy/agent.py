@@ -31,7 +31,7 @@ from tpproxy.server import Proxy, load
 from tpproxy.specs import InterceptSpec, build_routes
 from tpproxy.targets import ConnectorTarget
 from tpproxy.tunnel import Hello, tunnel_connector
-from tpproxy.wire import AgentInfo, Intercept, Review
+from tpproxy.wire import MANAGER_TOKEN_FILE, AgentInfo, Intercept, Review
 
 log = logging.getLogger("tpproxy.agent")
 
@@ -39,8 +39,6 @@ APP_ENV_PREFIX = "_TEL_APP_"
 HEARTBEAT = 5.0
 MAX_BACKOFF = 10.0
 CALL_TIMEOUT = 15.0  # seconds for one call to the manager (not the watch)
-# The projected service-account token (audience traffic-manager) the injector mounts.
-MANAGER_TOKEN_FILE = "/var/run/secrets/tpproxy/manager/token"
 MAX_TOKEN = 16 * 1024
 MAX_WATCH_LINE = 16 << 20  # one snapshot of the agent's intercepts, environments included
 

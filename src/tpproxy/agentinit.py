@@ -10,7 +10,7 @@ container again (a pod whose init container restarted keeps its network namespac
 copy of every rule.
 
 The plan, for each protocol P (tcp, udp) with a port-unique intercept, once any intercept of the
-config needs iptables (the same test as the webhook's, `tpcontrol.podpatch`):
+config needs iptables (the same test as the webhook's, `tpcontrol.injector.podpatch`):
 
 1. `nat` chain `TEL_INBOUND_<P>`, created or flushed;
 2. per port-unique intercept of P (named ones included, as in 2.6):

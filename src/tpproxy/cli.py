@@ -21,14 +21,12 @@ from tpproxy.config import ConfigError, listeners, load_sidecar
 from tpproxy.engine import ListenError
 from tpproxy.logs import LEVELS, setup_logging
 from tpproxy.server import Proxy, load
-from tpproxy.settings import ProxySettings, load_settings
+from tpproxy.settings import READY_FILE, ProxySettings, load_settings
 
 EXIT_LISTEN = 1
 EXIT_IPTABLES = 1
 EXIT_CONFIG = 2
 DEFAULT_CONFIG = "/etc/traffic-agent/config.yaml"
-# The agent container's readiness probe is `/bin/stat` of this file (tpcontrol.podpatch READY_FILE).
-DEFAULT_READY_FILE = "/tmp/agent/ready"
 
 log = logging.getLogger("tpproxy")
 
@@ -225,7 +223,7 @@ async def _agent(settings: ProxySettings, manager_url: str | None) -> int:
     from tpproxy.agent import run_agent
 
     proxy = Proxy(settings)
-    ready = _ReadyFile(os.environ.get("TPPROXY_READY_FILE") or DEFAULT_READY_FILE)
+    ready = _ReadyFile(os.environ.get("TPPROXY_READY_FILE") or READY_FILE)
     try:
         url = manager_url or os.environ.get("TPPROXY_MANAGER_URL") or None
         return await run_agent(proxy, url, os.environ, on_ready=ready.write)

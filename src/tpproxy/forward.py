@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import cast
 
 from tpproxy.stats import TrafficStats
-from tpproxy.targets import Target, connect
+from tpproxy.targets import Address, ProtocolFactory, Target
 
 log = logging.getLogger("tpproxy.forward")
 
@@ -217,3 +217,13 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+async def connect(
+    target: Target, protocol_factory: ProtocolFactory
+) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """Open a stream to `target` whose bytes are delivered to a protocol made by the factory."""
+    if isinstance(target, Address):
+        loop = asyncio.get_running_loop()
+        return await loop.create_connection(protocol_factory, target.host, target.port)
+    return await target.connector(protocol_factory)

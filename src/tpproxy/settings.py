@@ -21,6 +21,11 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
+
+ADMIN_PORT = 9180  # /livez (the injected liveness probe), /readyz, /metrics
+# The agent container's readiness probe is `/bin/stat` of this file (the injector's probe).
+READY_FILE = "/tmp/agent/ready"
+
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     """Every knob of `tpproxy run`; each is also `--flag-name` and `TPPROXY_FLAG_NAME`."""
 
@@ -32,7 +37,7 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     """Address the agent ports are bound on."""
     app_host: str = "127.0.0.1"
     """Where the app containers listen (the pod's loopback)."""
-    admin: str = "0.0.0.0:9180"
+    admin: str = f"0.0.0.0:{ADMIN_PORT}"
     """HOST:PORT of /livez, /readyz and /metrics; `off` disables it."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: LogFormat = "plain"

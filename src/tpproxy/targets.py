@@ -1,20 +1,25 @@
 """Where a connection can be sent: a TCP address, or a connector such as a tunnel.
 
-The engine treats both the same way, through `connect(target, protocol_factory)`, so a tunnel
-to a developer's machine plugs in as a connector without the engine knowing about the manager.
+The engine treats both the same way, through `tpproxy.forward.connect(target,
+protocol_factory)`, so a tunnel to a developer's machine plugs in as a connector without the
+engine knowing about the manager. Plain data, so that the routing rules that name targets stay
+free of the event loop (asyncio is named for the type checker only).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-ProtocolFactory = Callable[[], asyncio.Protocol]
+if TYPE_CHECKING:
+    import asyncio
+
+ProtocolFactory = Callable[[], "asyncio.Protocol"]
 
 
 Connector = Callable[
-    [ProtocolFactory], Awaitable[tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]
+    [ProtocolFactory], Awaitable["tuple[asyncio.BaseTransport, asyncio.BaseProtocol]"]
 ]
 """An async callable that opens a byte stream, with `loop.create_connection`'s contract.
 
@@ -65,13 +70,3 @@ class ConnectorTarget:
 
 
 Target = Address | ConnectorTarget
-
-
-async def connect(
-    target: Target, protocol_factory: ProtocolFactory
-) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
-    """Open a stream to `target` whose bytes are delivered to a protocol made by the factory."""
-    if isinstance(target, Address):
-        loop = asyncio.get_running_loop()
-        return await loop.create_connection(protocol_factory, target.host, target.port)
-    return await target.connector(protocol_factory)

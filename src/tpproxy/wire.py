@@ -1,7 +1,7 @@
 """The manager's wire format: what clients and agents send and receive, as msgspec structs.
 
 It lives in tpproxy because the agent (`tpproxy agent`) speaks it too, and tpproxy never imports
-tpcontrol; the manager's state (`tpcontrol.state`) re-exports it. camelCase on the wire.
+tpcontrol; the manager's state (`tpcontrol.manager.state`) re-exports it. camelCase on the wire.
 """
 
 from __future__ import annotations
@@ -28,12 +28,16 @@ __all__ = [
 
 # Bounds on what a caller can make the manager hold (each string is kept per session or per
 # intercept): a name is a Kubernetes name, a text a message; environments are bounded in total
-# by the manager (tpcontrol.state.MAX_ENVIRONMENT).
+# by the manager (tpcontrol.manager.state.MAX_ENVIRONMENT).
 Name = Annotated[str, msgspec.Meta(max_length=253)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 Environment = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=1024)], str], msgspec.Meta(max_length=4096)
 ]
+
+# Where an agent reads its credential for the manager: the projected service-account token
+# (audience traffic-manager) that the injector mounts, rotated by the kubelet.
+MANAGER_TOKEN_FILE = "/var/run/secrets/tpproxy/manager/token"
 
 Mechanism = Literal["tcp", "http"]
 Disposition = Literal[

@@ -35,6 +35,7 @@ from tpcontrol.localcluster.cluster import NAME, ClusterError, LocalCluster, mis
 from tpcontrol.localcluster.controlplane import ControlPlaneError, wait_for_service_account
 from tpcontrol.localcluster.install import install
 from tpcontrol.localcluster.network import NetworkError, open_connection_in
+from tpcontrol.names import AGENT_CONTAINER, MANAGER_NAMESPACE
 
 NAMESPACE = "shop"
 EXAMPLES_IMAGE = "docker.io/tpproxy/examples:0.1.0"  # the name examples/workloads.yaml uses
@@ -104,7 +105,7 @@ class Walkthrough:
         self.clients: dict[str, asyncio.subprocess.Process] = {}
         self.service_ip = ""
         self.examples_image = EXAMPLES_IMAGE
-        self.manager_namespace = "ambassador"
+        self.manager_namespace = MANAGER_NAMESPACE
         self.outputs: dict[str, list[str]] = {}
         self.drains: dict[str, asyncio.Task[None]] = {}
 
@@ -393,7 +394,7 @@ class Walkthrough:
             )  # fmt: skip
             (pod,) = await waiting
             names = [c["name"] for c in pod["spec"]["containers"]]
-            step.check("traffic-agent" in names, f"the webhook injected the agent: {names}")
+            step.check(AGENT_CONTAINER in names, f"the webhook injected the agent: {names}")
             for rule in self.pod_rules(pod):
                 step.say(f"tel-agent-init installed in the pod: {rule}")
             await self.expect_http(
@@ -467,7 +468,7 @@ def _quote(word: str) -> str:
 
 
 def _has_agent(pod: Json) -> bool:
-    return any(c["name"] == "traffic-agent" for c in pod["spec"]["containers"])
+    return any(c["name"] == AGENT_CONTAINER for c in pod["spec"]["containers"])
 
 
 def _terminating(pod: Json) -> bool:

@@ -47,7 +47,7 @@ import dnslib
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import watch
 
-from tpcontrol.kube import api_client
+from tpcontrol.kube.client import api_client
 
 log = logging.getLogger("tpcontrol.localcluster.dns")
 

@@ -19,10 +19,9 @@ from typing import Any
 import yaml
 
 from tpcontrol.localcluster.cluster import ClusterError, LocalCluster
+from tpcontrol.names import INJECT_ANNOTATION, MANAGER_NAMESPACE
 
 PUBLISHED_IMAGE = "docker.io/tpproxy/tpproxy:0.1.0"
-MANAGER_NAMESPACE = "ambassador"
-INJECT_ANNOTATION = "telepresence.getambassador.io/inject-traffic-agent"
 
 
 @dataclass(frozen=True)

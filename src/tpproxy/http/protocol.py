@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
+from tpproxy.forward import connect
 from tpproxy.http.framing import (
     BodyCursor,
     Framing,
@@ -33,7 +34,7 @@ from tpproxy.http.framing import (
 from tpproxy.http.request import BadRequest, RequestHead
 from tpproxy.routing import APP_ROUTE, HttpIntercept, PortRoutes
 from tpproxy.stats import HttpStats, TrafficStats
-from tpproxy.targets import Target, connect
+from tpproxy.targets import Target
 
 log = logging.getLogger("tpproxy.http")
 

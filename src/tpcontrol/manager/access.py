@@ -29,10 +29,10 @@ from collections.abc import Callable
 
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.auth import AuthMode, Identity
-from tpcontrol.state import PermissionDenied
+from tpcontrol.manager.auth import AuthMode, Identity
+from tpcontrol.manager.state import PermissionDenied
 
-log = logging.getLogger("tpcontrol.access")
+log = logging.getLogger("tpcontrol.manager.access")
 
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 RESOURCES = {
@@ -89,36 +89,31 @@ class Access:
         """PermissionDenied naming the first check the caller fails (permissive: a log line)."""
         for check in checks:
             refused = self.refused_namespace(check[4]) if check[4] else None
-            if refused is None:
-                allowed, reason = await self._allowed(identity, check)
-                if allowed:
-                    continue
-                refused = f"{identity.username} may not {describe(check)}"
-                if reason:
-                    refused += f" ({reason})"
-            if self.mode == "permissive":
-                log.warning("permissive: would refuse: %s", refused)
-                continue
-            raise PermissionDenied(refused)
+            self._refuse(refused or await self._missing(identity, check))
+
+    async def _missing(self, identity: Identity, check: Check, needed_by: str = "") -> str | None:
+        """What the caller lacks for `check` (None: nothing), as the refusal says it."""
+        allowed, reason = await self._allowed(identity, check)
+        if allowed:
+            return None
+        return f"{identity.username} may not {describe(check)}{needed_by}" + (
+            f" ({reason})" if reason else ""
+        )
+
+    def _refuse(self, refused: str | None) -> None:
+        if refused is None:
+            return
+        if self.mode == "permissive":
+            log.warning("permissive: would refuse: %s", refused)
+            return
+        raise PermissionDenied(refused)
 
     async def require_client(self, identity: Identity) -> None:
         """Who may call the manager at all: whoever may port-forward to it (the Role
         `traffic-manager-clients` of deploy/user-role.yaml), the way the CLI reaches it. A pod
         with just its own service-account token may not."""
-        check = port_forward(self.manager_namespace)
-        allowed, reason = await self._allowed(identity, check)
-        if allowed:
-            return
-        refused = (
-            f"{identity.username} may not {describe(check)}, which the traffic-manager's "
-            "clients need (the Role traffic-manager-clients)"
-        )
-        if reason:
-            refused += f" ({reason})"
-        if self.mode == "permissive":
-            log.warning("permissive: would refuse: %s", refused)
-            return
-        raise PermissionDenied(refused)
+        needed_by = ", which the traffic-manager's clients need (the Role traffic-manager-clients)"
+        self._refuse(await self._missing(identity, port_forward(self.manager_namespace), needed_by))
 
     async def allowed(self, identity: Identity, check: Check) -> bool:
         if check[4] and self.refused_namespace(check[4]):

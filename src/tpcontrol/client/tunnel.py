@@ -18,7 +18,7 @@ import msgspec
 from tpproxy.stats import TrafficStats
 from tpproxy.tunnel import Hello, LineReader, TunnelError, Welcome, join
 
-log = logging.getLogger("tpcontrol.client")
+log = logging.getLogger("tpcontrol.client.tunnel")
 
 
 class TunnelClient:

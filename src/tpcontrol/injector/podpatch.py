@@ -59,7 +59,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from tpcontrol.names import (
+    AGENT_AUDIENCE,
+    AGENT_CONTAINER,
+    AGENTS_CONFIG_MAP,
+    INIT_CONTAINER,
+    INJECT_ANNOTATION,
+)
 from tpproxy.config import Container, Intercept, Listener, Sidecar, listeners
+from tpproxy.settings import ADMIN_PORT, READY_FILE
+from tpproxy.wire import MANAGER_TOKEN_FILE
 
 __all__ = [
     "AGENT_CONTAINER",
@@ -76,24 +85,17 @@ __all__ = [
 Json = dict[str, Any]
 Op = dict[str, Any]
 
-AGENT_CONTAINER: Final = "traffic-agent"
-INIT_CONTAINER: Final = "tel-agent-init"
-AGENTS_CONFIG_MAP: Final = "telepresence-agents"
-INJECT_ANNOTATION: Final = "telepresence.getambassador.io/inject-traffic-agent"
 
 ANNOTATIONS_VOLUME: Final = "traffic-annotations"
 CONFIG_VOLUME: Final = "traffic-config"
 EXPORT_VOLUME: Final = "export-volume"
 MANAGER_TOKEN_VOLUME: Final = "traffic-manager-token"
-MANAGER_TOKEN_DIR: Final = "/var/run/secrets/tpproxy/manager"
-MANAGER_AUDIENCE: Final = "traffic-manager"
+MANAGER_TOKEN_DIR: Final = MANAGER_TOKEN_FILE.rpartition("/")[0]
 MANAGER_TOKEN_SECONDS: Final = 3600
-AGENT_ADMIN_PORT: Final = 9180  # tpproxy's default admin address: /livez, /readyz, /metrics
 POD_INFO_DIR: Final = "/tel_pod_info"
 CONFIG_DIR: Final = "/etc/traffic-agent"
 EXPORTS_DIR: Final = "/tel_app_exports"
 APP_MOUNTS_ROOT: Final = "/tel_app_mounts"
-READY_FILE: Final = "/tmp/agent/ready"
 
 API_PORT_ENV: Final = "TELEPRESENCE_API_PORT"
 APP_ENV_PREFIX: Final = "_TEL_APP_"
@@ -196,9 +198,9 @@ def agent_volumes(sidecar: Sidecar) -> list[Json]:
                 "sources": [
                     {
                         "serviceAccountToken": {
-                            "audience": MANAGER_AUDIENCE,
+                            "audience": AGENT_AUDIENCE,
                             "expirationSeconds": MANAGER_TOKEN_SECONDS,
-                            "path": "token",
+                            "path": MANAGER_TOKEN_FILE.rpartition("/")[2],
                         }
                     }
                 ]
@@ -398,7 +400,7 @@ def _agent_container(
         "limits": {"memory": "256Mi"},
     }
     container["livenessProbe"] = {
-        "httpGet": {"path": "/livez", "port": AGENT_ADMIN_PORT},
+        "httpGet": {"path": "/livez", "port": ADMIN_PORT},
         "periodSeconds": 10,
         "timeoutSeconds": 3,
         "failureThreshold": 3,

@@ -19,12 +19,12 @@ from typing import Any
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import watch
 
-from tpcontrol.configmap import CONFIGMAP_NAME
+from tpcontrol.kube.configmap import CONFIGMAP_NAME
+from tpcontrol.names import RESTARTED_AT
 from tpproxy.config import ConfigError, Sidecar, decode_sidecar
 
-log = logging.getLogger("tpcontrol.rollout")
+log = logging.getLogger("tpcontrol.manager.rollout")
 
-RESTARTED_AT = "telepresence.getambassador.io/restartedAt"
 
 
 class Rollouts:

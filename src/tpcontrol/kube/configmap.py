@@ -19,7 +19,7 @@ from tpproxy.config import ConfigError, Sidecar, decode_sidecar, encode_sidecar
 CONFIGMAP_NAME = "telepresence-agents"
 MAX_ATTEMPTS = 20
 
-log = logging.getLogger("tpcontrol.configmap")
+log = logging.getLogger("tpcontrol.kube.configmap")
 
 Edit = Callable[[dict[str, str]], dict[str, str] | None]
 

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.auth import Unauthenticated
-from tpcontrol.state import LimitExceeded, ManagerState, StateError
+from tpcontrol.manager.auth import Unauthenticated
+from tpcontrol.manager.state import LimitExceeded, ManagerState, StateError
 from tpproxy.stats import TrafficStats
 from tpproxy.tunnel import Hello, LineReader, Welcome, join
 

@@ -1,12 +1,12 @@
 """The traffic-manager: sessions, the prepare/create intercept flow, and ConfigMap upkeep.
 
 Clients and agents talk to it over HTTP with JSON bodies (msgspec structs, camelCase). The
-manager never edits a workload except through a rollout (`tpcontrol.rollout`): preparing an
+manager never edits a workload except through a rollout (`tpcontrol.manager.rollout`): preparing an
 intercept writes the workload's entry in `telepresence-agents`, the watcher rolls the workload
 out, and the webhook injects the agent into the new pods.
 
-Every call but `/healthz` carries a Kubernetes identity (`tpcontrol.auth`) and is authorized
-for its target namespace (`tpcontrol.access`); a session answers only to the identity that
+Every call but `/healthz` carries a Kubernetes identity (`tpcontrol.manager.auth`) and is authorized
+for its target namespace (`tpcontrol.manager.access`); a session answers only to the identity that
 opened it. `auth_mode="permissive"` logs what enforcing would refuse and lets it through.
 
 Endpoints (all JSON; errors are `{"error": ..., "code": ...}` with a 4xx status):
@@ -42,10 +42,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol import access
-from tpcontrol import state as st
-from tpcontrol.agentconfig import AgentConfigError, GeneratorSettings, generate
-from tpcontrol.auth import (
+from tpcontrol.certs import Authority, context_from_pem
+from tpcontrol.kube.agentconfig import AgentConfigError, GeneratorSettings, generate
+from tpcontrol.kube.configmap import AgentConfigStore
+from tpcontrol.kube.workloads import Workloads
+from tpcontrol.manager import access
+from tpcontrol.manager import state as st
+from tpcontrol.manager.auth import (
     ANONYMOUS,
     Authenticator,
     AuthMode,
@@ -53,48 +56,50 @@ from tpcontrol.auth import (
     Unauthenticated,
     bearer,
 )
-from tpcontrol.certs import Authority
-from tpcontrol.configmap import AgentConfigStore
-from tpcontrol.images import ImageResolver
-from tpcontrol.prepare import PrepareError, check_interceptable, find_intercept
-from tpcontrol.rendezvous import Rendezvous
-from tpcontrol.rollout import AgentConfigWatcher, Rollouts
-from tpcontrol.webhook import context_from_pem
-from tpcontrol.workloads import Workloads
+from tpcontrol.manager.images import ImageResolver
+from tpcontrol.manager.prepare import PrepareError, check_interceptable, find_intercept
+from tpcontrol.manager.rendezvous import Rendezvous
+from tpcontrol.manager.rollout import AgentConfigWatcher, Rollouts
+from tpcontrol.names import AGENT_CONTAINER, AGENT_TTL, CLIENT_TTL
 from tpproxy.config import ConfigError
 from tpproxy.tunnel import Hello
 
-log = logging.getLogger("tpcontrol.manager")
+log = logging.getLogger("tpcontrol.manager.api")
 
 T = TypeVar("T")
 HOUSEKEEPING_INTERVAL = 1.0
 
 
-class ManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """What the manager needs to generate agent configs and where it asks for images."""
+DEFAULT_AGENT_IMAGE = "docker.io/tpproxy/agent:0.1.0"
 
-    namespace: str = "ambassador"
-    agent_image: str = "docker.io/tpproxy/agent:0.1.0"
+
+def _default_generator() -> GeneratorSettings:
+    return GeneratorSettings(agent_image=DEFAULT_AGENT_IMAGE)
+
+
+class ManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The manager's settings: the generator's (which hold its namespace, its port and the
+    agent image; the image resolver may prefer another image), and its own."""
+
+    generator: GeneratorSettings = msgspec.field(default_factory=_default_generator)
     image_resolver_url: str | None = None
-    agent_port: int = 9900
-    api_port: int = 0
-    agent_log_level: str = "info"
-    manager_port: int = 8081
-    # Clients heartbeat every 5 s: one that has been silent this long has vanished, and its
-    # intercepts are removed so traffic goes back to the app (2.6 waited 24 h).
-    client_ttl: float = 60.0
-    agent_ttl: float = 15.0
+    client_ttl: float = CLIENT_TTL
+    agent_ttl: float = AGENT_TTL
     no_agent_timeout: float = 120.0
     tunnel_port: int = 0  # 0: any free port (tests); the deployment uses 8082
     # The TLS port where a client certificate buys a manager token; None: none (0: any port).
     login_port: int | None = None
     auth_mode: AuthMode = "enforcing"
 
+    @property
+    def namespace(self) -> str:
+        """The manager's own namespace (the generator writes it into every entry)."""
+        return self.generator.manager_namespace
+
 
 MAX_WATCHES_PER_SESSION = 4
 MAX_WATCHES = 10_000
 CLIENT_CA = ("kube-system", "extension-apiserver-authentication", "client-ca-file")
-AGENT_CONTAINER = "traffic-agent"
 
 
 # Kubernetes' own rules for the names a request carries: checked before any API call, so a bad
@@ -291,7 +296,7 @@ class Manager:
         self.watcher = AgentConfigWatcher(
             api, self.rollouts, untouchable=access.SYSTEM_NAMESPACES | {settings.namespace}
         )
-        self.images = ImageResolver(settings.agent_image, settings.image_resolver_url)
+        self.images = ImageResolver(settings.generator.agent_image, settings.image_resolver_url)
         self.changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._version = -1
@@ -676,15 +681,7 @@ class Manager:
         )
 
     def _generator(self, image: str) -> GeneratorSettings:
-        s = self.settings
-        return GeneratorSettings(
-            agent_image=image,
-            manager_namespace=s.namespace,
-            agent_port=s.agent_port,
-            api_port=s.api_port,
-            log_level=s.agent_log_level,
-            manager_port=s.manager_port,
-        )
+        return msgspec.structs.replace(self.settings.generator, agent_image=image)
 
     async def create_intercept(self, request: web.Request) -> web.Response:
         sid, identity = await self.session_identity(request)

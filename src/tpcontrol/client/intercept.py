@@ -21,16 +21,16 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from tpcontrol.client import TunnelClient
-from tpcontrol.credentials import (
+from tpcontrol.client.credentials import (
     CredentialError,
     ManagerCredential,
     load_user,
     plain_http_refusal,
 )
+from tpcontrol.client.localenv import EnvFileError, local_environment, write_env_file
+from tpcontrol.client.portforward import ForwardError, ManagerForward
+from tpcontrol.client.tunnel import TunnelClient
 from tpcontrol.lifecycle import until_signalled
-from tpcontrol.localenv import EnvFileError, local_environment, write_env_file
-from tpcontrol.portforward import ForwardError, ManagerForward
 from tpproxy.agent import SessionLost
 from tpproxy.agent import watch_line as _watch_line
 from tpproxy.routing import HeaderRule, RuleError, ValueRule, check_rule_counts

@@ -30,7 +30,8 @@ from typing import Literal
 import msgspec
 from kubernetes_asyncio import client as k8s
 
-AGENT_AUDIENCE = "traffic-manager"
+from tpcontrol.names import AGENT_AUDIENCE
+
 MANAGER_TOKEN_PREFIX = "tpm1."
 MANAGER_TOKEN_LIFETIME = 3600.0
 CACHE_TTL = 30.0

@@ -34,16 +34,16 @@ from prometheus_client import (
     generate_latest,
 )
 
-from tpcontrol.agentconfig import AgentConfigError, GeneratorSettings, generate
-from tpcontrol.certs import Authority, load_pem_chain
-from tpcontrol.configmap import AgentConfigStore
-from tpcontrol.podpatch import PatchError, pod_patch
-from tpcontrol.workloads import Json, Workloads
+from tpcontrol.certs import Authority, context_from_pem
+from tpcontrol.injector.podpatch import PatchError, pod_patch
+from tpcontrol.kube.agentconfig import AgentConfigError, GeneratorSettings, generate
+from tpcontrol.kube.configmap import AgentConfigStore
+from tpcontrol.kube.workloads import Json, Workloads
+from tpcontrol.names import INJECT_ANNOTATION
 from tpproxy.config import ConfigError, Sidecar
 
-log = logging.getLogger("tpcontrol.webhook")
+log = logging.getLogger("tpcontrol.injector.webhook")
 
-ANNOTATION = "telepresence.getambassador.io/inject-traffic-agent"
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 WEBHOOK_PATH = "/traffic-agent"
 MAX_BODY = 8 * 1024 * 1024
@@ -144,18 +144,19 @@ class Injector:
             return Outcome(reason=f"{where}: system namespace")
         if namespace == self.settings.generator.manager_namespace:
             return Outcome(reason=f"{where}: the traffic-manager's own namespace")
-        value = (meta.get("annotations") or {}).get(ANNOTATION, "")
+        value = (meta.get("annotations") or {}).get(INJECT_ANNOTATION, "")
         if value in ("false", "disabled"):
-            return Outcome(reason=f"{where}: {ANNOTATION}={value}")
+            return Outcome(reason=f"{where}: {INJECT_ANNOTATION}={value}")
         if value not in ("", "enabled"):
             return Outcome(
                 warnings=[
-                    f"{where}: invalid value {value!r} for annotation {ANNOTATION} "
+                    f"{where}: invalid value {value!r} for annotation {INJECT_ANNOTATION} "
                     "(use enabled, disabled or false); traffic-agent not injected"
                 ]
             )
         if value == "" and self.settings.inject_policy == "WhenEnabled":
-            return Outcome(reason=f"{where}: not annotated {ANNOTATION}=enabled (WhenEnabled)")
+            why = f"not annotated {INJECT_ANNOTATION}=enabled (WhenEnabled)"
+            return Outcome(reason=f"{where}: {why}")
         try:
             return await self._inject(
                 pod, namespace, where, enabled=value == "enabled", dry_run=request.dry_run
@@ -203,14 +204,14 @@ class Injector:
                     return Outcome(warnings=[f"{where} {problem}; traffic-agent not injected"])
                 return Outcome(reason=f"{where} {problem}")
             template = workload.get("spec", {}).get("template", {}).get("metadata", {})
-            if (template.get("annotations") or {}).get(ANNOTATION) != "enabled":
+            if (template.get("annotations") or {}).get(INJECT_ANNOTATION) != "enabled":
                 # The request's pod is what the caller says; the workload is what the API
                 # server holds. Only a workload that asks for the agent is enrolled, so a forged
                 # AdmissionReview cannot enrol one.
                 return Outcome(
                     warnings=[
                         f"{where}: its {workload.get('kind')} does not annotate its pods "
-                        f"{ANNOTATION}=enabled; traffic-agent not injected"
+                        f"{INJECT_ANNOTATION}=enabled; traffic-agent not injected"
                     ]
                 )
             services = await self.workloads.services(namespace)
@@ -234,16 +235,6 @@ def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
-    return context
-
-
-def context_from_pem(cert: bytes, key: bytes) -> ssl.SSLContext:
-    """A server context from PEM bytes (see `tpcontrol.certs.load_pem_chain`): nothing depends
-    on a mounted Secret volume, which the kubelet refreshes a minute or more after the Secret
-    changes."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    load_pem_chain(context, cert, key)
     return context
 
 
@@ -422,7 +413,7 @@ def webhook_configuration(
 ) -> Json:
     """The MutatingWebhookConfiguration that points the API server at this webhook. Without a
     `ca_bundle` it has none, as in deploy/: an injector that keeps its certificate in a Secret
-    (tpcontrol.injector_tls) writes its CA there itself."""
+    (tpcontrol.injector.tls) writes its CA there itself."""
     client_config: Json = {}
     if ca_bundle is not None:
         client_config["caBundle"] = base64.b64encode(ca_bundle).decode()

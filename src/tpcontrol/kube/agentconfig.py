@@ -24,12 +24,17 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
+from tpcontrol.names import (
+    AGENT_CONTAINER,
+    AGENT_PORT,
+    ANNOTATION_DOMAIN,
+    MANAGER_NAMESPACE,
+    MANAGER_PORT,
+)
 from tpproxy.config import Container, Intercept, Protocol, Sidecar, WorkloadKind
 
-ANNOTATION_DOMAIN = "telepresence.getambassador.io/"
 INJECT_SERVICE_NAME = ANNOTATION_DOMAIN + "inject-service-name"
 INJECT_SERVICE_PORT = ANNOTATION_DOMAIN + "inject-service-port"
-AGENT_CONTAINER_NAME = "traffic-agent"
 APP_MOUNTS_PREFIX = "/tel_app_mounts/"
 MAX_PORT = 65535
 
@@ -52,12 +57,12 @@ class AgentConfigError(Exception):
 class GeneratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     """The manager-wide inputs of generation (spec section 2), fixed for a manager process."""
 
-    agent_port: int = 9900
+    agent_port: int = AGENT_PORT
     api_port: int = 0
     agent_image: str
-    manager_namespace: str = "ambassador"
+    manager_namespace: str = MANAGER_NAMESPACE
     log_level: str = "info"
-    manager_port: int = 8081
+    manager_port: int = MANAGER_PORT
 
     def __post_init__(self) -> None:
         """Fail at start-up rather than write an entry that the agent would refuse to load."""
@@ -473,8 +478,8 @@ class _Builder:
         app = _match(sp, self.target.template.spec.containers)
         if app is None:
             self.notes.append(f"{where}: no container port matches")
-        elif app.container.name == AGENT_CONTAINER_NAME:
-            self.notes.append(f"{where}: matches the {AGENT_CONTAINER_NAME} container")
+        elif app.container.name == AGENT_CONTAINER:
+            self.notes.append(f"{where}: matches the {AGENT_CONTAINER} container")
         else:
             self.add(svc, sp, app, protocol)
 
@@ -495,7 +500,7 @@ class _Builder:
 def _app_containers(target: _Target) -> list[_Container]:
     """The template's containers except a (manually added) traffic-agent."""
     containers = target.template.spec.containers
-    return [cn for cn in containers if cn.name != AGENT_CONTAINER_NAME]
+    return [cn for cn in containers if cn.name != AGENT_CONTAINER]
 
 
 def _check_first_agent_port_free(target: _Target, agent_port: int) -> None:
@@ -504,7 +509,7 @@ def _check_first_agent_port_free(target: _Target, agent_port: int) -> None:
         if any(cp.container_port == agent_port for cp in cn.ports):
             raise AgentConfigError(
                 f"the {target.label} pod container {cn.name} is exposing the same port "
-                f"({agent_port}) as the {AGENT_CONTAINER_NAME} sidecar; choose another first "
+                f"({agent_port}) as the {AGENT_CONTAINER} sidecar; choose another first "
                 "agent port (TELEPRESENCE_AGENT_PORT)"
             )
 
@@ -522,7 +527,7 @@ def _check_agent_ports_free(target: _Target, agent_ports: Mapping[int, int]) -> 
             if app is not None:
                 raise AgentConfigError(
                     f"the {target.label} pod container {cn.name} is exposing port "
-                    f"{cp.container_port}, which the {AGENT_CONTAINER_NAME} sidecar needs as the "
+                    f"{cp.container_port}, which the {AGENT_CONTAINER} sidecar needs as the "
                     f"agent port for container port {app}; choose another first agent port "
                     "(TELEPRESENCE_AGENT_PORT)"
                 )

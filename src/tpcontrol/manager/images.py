@@ -9,9 +9,9 @@ import logging
 import aiohttp
 import msgspec
 
-from tpcontrol.prepare import PrepareError
+from tpcontrol.manager.prepare import PrepareError
 
-log = logging.getLogger("tpcontrol.images")
+log = logging.getLogger("tpcontrol.manager.images")
 
 
 class PreferredImage(msgspec.Struct, frozen=True):

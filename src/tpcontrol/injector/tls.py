@@ -64,9 +64,9 @@ from tpcontrol.certs import (
     load_key,
     subject_alt_names,
 )
-from tpcontrol.webhook import PemTls
+from tpcontrol.injector.webhook import PemTls
 
-log = logging.getLogger("tpcontrol.injector_tls")
+log = logging.getLogger("tpcontrol.injector.tls")
 
 SECRET_NAME = "mutator-webhook-tls"  # the 2.6 chart's name for the injector's TLS Secret
 WEBHOOK_CONFIGURATION_NAME = "agent-injector-webhook"

@@ -69,6 +69,15 @@ def _data(value: Any, field: str) -> bytes:
         raise CredentialError(f"kubeconfig {field}: not base64") from None
 
 
+def _pem(user: dict[str, Any], base: Path, field: str) -> bytes:
+    """`FIELD-data` (base64) or `FIELD` (a path relative to the kubeconfig), else nothing."""
+    if user.get(f"{field}-data"):
+        return _data(user[f"{field}-data"], f"{field}-data")
+    if user.get(field):
+        return _read(user[field], base, field)
+    return b""
+
+
 def load_user(given: str | None) -> KubeUser | None:
     """The current context's user, or None when there is no kubeconfig at all."""
     path = kubeconfig_path(given)
@@ -98,20 +107,7 @@ def load_user(given: str | None) -> KubeUser | None:
         return KubeUser(
             str(name), token=_read(user["tokenFile"], base, "tokenFile").decode().strip()
         )
-    cert = (
-        _data(user["client-certificate-data"], "client-certificate-data")
-        if user.get("client-certificate-data")
-        else _read(user["client-certificate"], base, "client-certificate")
-        if user.get("client-certificate")
-        else b""
-    )
-    key = (
-        _data(user["client-key-data"], "client-key-data")
-        if user.get("client-key-data")
-        else _read(user["client-key"], base, "client-key")
-        if user.get("client-key")
-        else b""
-    )
+    cert, key = (_pem(user, base, part) for part in ("client-certificate", "client-key"))
     if cert and key:
         return KubeUser(str(name), cert=cert, key=key)
     kinds = sorted(k for k in ("exec", "auth-provider", "username") if user.get(k))

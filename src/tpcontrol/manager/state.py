@@ -1,7 +1,7 @@
 """The traffic-manager's in-memory state: sessions, intercepts and the rules between them.
 
 Plain Python on purpose: no asyncio, no I/O, no Kubernetes. The manager service
-(`tpcontrol.manager`) calls these methods from its request handlers, compares `version` (or
+(`tpcontrol.manager.api`) calls these methods from its request handlers, compares `version` (or
 listens to `on_change`) to wake its watchers, and calls `expire()` and `check_waiting()` from a
 housekeeping loop. Keeping the rules here means they are tested with a fake clock, without an
 API server or a single sleep. Everything runs on the event loop's thread, so no locking.
@@ -10,9 +10,10 @@ What the state keeps (spec 4.5 and 6, in our own JSON API):
 
 - Sessions. `arrive_client` / `arrive_agent` return an unguessable session id
   (`secrets.token_urlsafe`); `remain` is the heartbeat; sessions not heard from for longer than
-  their TTL (agents 15 s, clients 24 h) are dropped by `expire`, with the same effects as
-  `depart`. Each session is bound to the identity that opened it (`owner`), and the manager
-  lets only that identity use it, so a session id is not a credential: as in Telepresence 2.6,
+  their TTL (agents 15 s, clients 60 s: `tpcontrol.names`) are dropped by `expire`, with the
+  same effects as `depart`. Each session is bound to the identity that opened it (`owner`),
+  and the manager lets only that identity use it, so a session id is not a credential: as in
+  Telepresence 2.6,
   an intercept id is `<clientSessionId>:<name>`, shown to agents, in listings and as the default
   routing header, and knowing it lets nobody else act for the session.
 - Intercepts, created by clients and reviewed by agents. Their dispositions:
@@ -90,6 +91,7 @@ from typing import TypeVar
 
 import msgspec
 
+from tpcontrol.names import AGENT_TTL, CLIENT_TTL
 from tpproxy.routing import (
     DEFAULT_INTERCEPT_HEADER,
     HeaderRule,
@@ -214,7 +216,7 @@ class Expired:
 class _Session:
     info: ClientInfo | AgentInfo
     last_seen: float
-    owner: str = ""  # the identity it is bound to (`tpcontrol.auth.Identity.key`); "" unbound
+    owner: str = ""  # the identity it is bound to (`auth.Identity.key`); "" unbound
 
     @property
     def is_agent(self) -> bool:
@@ -376,8 +378,8 @@ class ManagerState:
     def __init__(
         self,
         clock: Callable[[], float] = time.monotonic,
-        agent_ttl: float = 15.0,
-        client_ttl: float = 24 * 3600.0,
+        agent_ttl: float = AGENT_TTL,
+        client_ttl: float = CLIENT_TTL,
         no_agent_timeout: float = 60.0,
         *,
         wall_clock: Callable[[], float] = time.time,

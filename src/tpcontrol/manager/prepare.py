@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tpcontrol.names import ANNOTATION_DOMAIN, INJECT_ANNOTATION
 from tpproxy.config import Container, Intercept, Sidecar
 
-DOMAIN = "telepresence.getambassador.io/"
-INJECT = DOMAIN + "inject-traffic-agent"
-MANUAL = DOMAIN + "manually-injected"
+INJECT = INJECT_ANNOTATION
+MANUAL = ANNOTATION_DOMAIN + "manually-injected"
 
 
 class PrepareError(Exception):

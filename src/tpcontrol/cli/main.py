@@ -20,10 +20,18 @@ import uvloop
 
 from tpcontrol import __version__
 from tpcontrol.lifecycle import until_signalled
+from tpcontrol.names import (
+    AGENT_PORT,
+    LOGIN_PORT,
+    MANAGER_NAMESPACE,
+    MANAGER_SERVICE,
+    TUNNEL_PORT,
+)
 from tpproxy.logs import setup_logging
 
 if TYPE_CHECKING:
-    from tpcontrol.credentials import ManagerCredential
+    from tpcontrol.client.credentials import ManagerCredential
+    from tpcontrol.kube.agentconfig import GeneratorSettings
 
 EXIT_USAGE = 2
 
@@ -37,10 +45,10 @@ def _manager_options(parser: argparse.ArgumentParser) -> None:
     API (a kubectl port-forward to the manager's Service, with the user's kubeconfig)."""
     parser.add_argument(
         "--port-forward",
-        default=_env("port-forward", "ambassador/traffic-manager"),
+        default=_env("port-forward", f"{MANAGER_NAMESPACE}/{MANAGER_SERVICE}"),
         metavar="NAMESPACE/SERVICE",
         help="the manager's Service, reached through a kubectl port-forward started here "
-        "(default ambassador/traffic-manager)",
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--manager",
@@ -121,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make a CA and certificate in --tls-dir if tls.crt is missing (no Secret)",
     )
-    # Defaults of these three are tpcontrol.injector_tls's constants (imported only when the
+    # Defaults of these three are tpcontrol.injector.tls's constants (imported only when the
     # webhook runs, to keep the other commands quick); the help names them for people.
     hook.add_argument(
         "--tls-secret",
@@ -230,13 +238,11 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("image-resolver-url"),
         help='asked once for {"image": ...}: the preferred agent image',
     )
-    manager.add_argument(
-        "--tunnel-port", type=int, default=int(_env("tunnel-port", "8082") or 8082)
-    )
+    manager.add_argument("--tunnel-port", type=int, default=int(_env("tunnel-port") or TUNNEL_PORT))
     manager.add_argument(
         "--login-port",
         type=int,
-        default=int(_env("login-port", "8083") or 8083),
+        default=int(_env("login-port") or LOGIN_PORT),
         help="TLS port where a client certificate buys a manager token; -1: none",
     )
     manager.add_argument(
@@ -273,10 +279,23 @@ def _generator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agent-image", default=_env("agent-image", "docker.io/tpproxy/agent:0.1.0")
     )
-    parser.add_argument("--manager-namespace", default=_env("manager-namespace", "ambassador"))
-    parser.add_argument("--agent-port", type=int, default=int(_env("agent-port", "9900") or 9900))
+    parser.add_argument("--manager-namespace", default=_env("manager-namespace", MANAGER_NAMESPACE))
+    parser.add_argument("--agent-port", type=int, default=int(_env("agent-port") or AGENT_PORT))
     parser.add_argument("--api-port", type=int, default=int(_env("api-port", "0") or 0))
     parser.add_argument("--agent-log-level", default=_env("agent-log-level", "info"))
+
+
+def _generator_settings(args: argparse.Namespace) -> GeneratorSettings:
+    """What the manager and the injector generate entries with: the same flags for both."""
+    from tpcontrol.kube.agentconfig import GeneratorSettings
+
+    return GeneratorSettings(
+        agent_image=args.agent_image,
+        manager_namespace=args.manager_namespace,
+        agent_port=args.agent_port,
+        api_port=args.api_port,
+        log_level=args.agent_log_level,
+    )
 
 
 def _fail(message: str) -> int:
@@ -290,10 +309,8 @@ async def _run_webhook(args: argparse.Namespace) -> int:
 
     import aiohttp
 
-    from tpcontrol.agentconfig import GeneratorSettings
-    from tpcontrol.injector_tls import InjectorTls, TlsBootstrapError, TlsSettings
-    from tpcontrol.kube import api_client
-    from tpcontrol.webhook import (
+    from tpcontrol.injector.tls import InjectorTls, TlsBootstrapError, TlsSettings
+    from tpcontrol.injector.webhook import (
         Injector,
         ReloadingTls,
         SwitchingTls,
@@ -302,6 +319,7 @@ async def _run_webhook(args: argparse.Namespace) -> int:
         self_signed,
         start,
     )
+    from tpcontrol.kube.client import api_client
     from tpproxy.targets import Address
 
     listen = Address.parse(args.listen)
@@ -342,16 +360,7 @@ async def _run_webhook(args: argparse.Namespace) -> int:
             }
             field = str(exc).partition(":")[0].removeprefix("TlsSettings.")
             return _fail(f"{flags[field]}: {exc}" if field in flags else str(exc))
-    settings = WebhookSettings(
-        GeneratorSettings(
-            agent_image=args.agent_image,
-            manager_namespace=args.manager_namespace,
-            agent_port=args.agent_port,
-            api_port=args.api_port,
-            log_level=args.agent_log_level,
-        ),
-        inject_policy=args.inject_policy,
-    )
+    settings = WebhookSettings(_generator_settings(args), inject_policy=args.inject_policy)
     async with api_client(args.kubeconfig) as api:
         server = WebhookServer(Injector(api, settings))
         checks: asyncio.Task[None] | None = None
@@ -383,18 +392,14 @@ async def _run_webhook(args: argparse.Namespace) -> int:
 
 
 async def _run_manager(args: argparse.Namespace) -> int:
-    from tpcontrol.kube import api_client
-    from tpcontrol.manager import Manager, ManagerSettings
+    from tpcontrol.kube.client import api_client
+    from tpcontrol.manager.api import Manager, ManagerSettings
     from tpproxy.targets import Address
 
     listen = Address.parse(args.listen)
     settings = ManagerSettings(
-        namespace=args.manager_namespace,
-        agent_image=args.agent_image,
+        generator=_generator_settings(args),
         image_resolver_url=args.image_resolver_url,
-        agent_port=args.agent_port,
-        api_port=args.api_port,
-        agent_log_level=args.agent_log_level,
         tunnel_port=args.tunnel_port,
         login_port=None if args.login_port < 0 else args.login_port,
         auth_mode=args.auth_mode,
@@ -410,13 +415,13 @@ async def _run_manager(args: argparse.Namespace) -> int:
 
 
 async def _admin(args: argparse.Namespace) -> int:
-    from tpcontrol.credentials import (
+    from tpcontrol.client.credentials import (
         CredentialError,
         ManagerCredential,
         load_user,
         plain_http_refusal,
     )
-    from tpcontrol.portforward import ForwardError, ManagerForward
+    from tpcontrol.client.portforward import ForwardError, ManagerForward
 
     try:
         user = load_user(args.kubeconfig)
@@ -438,7 +443,7 @@ async def _admin(args: argparse.Namespace) -> int:
 async def _admin_at(args: argparse.Namespace, base: str, credential: ManagerCredential) -> int:
     import aiohttp
 
-    from tpcontrol.credentials import CredentialError
+    from tpcontrol.client.credentials import CredentialError
 
     try:
         headers = await credential.headers()
@@ -519,7 +524,7 @@ def _explain(args: argparse.Namespace, listed: list[dict[str, object]]) -> int:
 
 
 def _webhook_config(args: argparse.Namespace) -> int:
-    from tpcontrol.webhook import webhook_configuration
+    from tpcontrol.injector.webhook import webhook_configuration
 
     ca: bytes | None = None
     if args.ca_file is not None:
@@ -562,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 1 <= args.requests <= 100:
             parser.error("--requests: must be from 1 to 100")
         if args.engine_only:
-            from tpcontrol.demo import run_demo
+            from tpcontrol.localcluster.engine_demo import run_demo
 
             return uvloop.run(run_demo(args.requests))
         from tpcontrol.localcluster.demo import run_cluster_demo
@@ -582,14 +587,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "manager":
         return uvloop.run(_run_manager(args))
     if args.command == "intercept":
-        from tpcontrol.intercept import run_intercept
+        from tpcontrol.client.intercept import run_intercept
 
         args.run = command
         return uvloop.run(run_intercept(args))
     if args.command in ("list", "uninstall", "explain"):
         return uvloop.run(_admin(args))
     if args.command == "leave":
-        from tpcontrol.intercept import leave
+        from tpcontrol.client.intercept import leave
 
         return leave(args.name)
     if args.command == "webhook-config":

@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import re
 
+from tpcontrol import names
 from tpcontrol.lifecycle import child_options
+from tpcontrol.names import MANAGER_PORT
 
-API_PORT = 8081
-TUNNEL_PORT = 8082
-LOGIN_PORT = 8083
+API_PORT, TUNNEL_PORT, LOGIN_PORT = MANAGER_PORT, names.TUNNEL_PORT, names.LOGIN_PORT
 _FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) ->")
 
 

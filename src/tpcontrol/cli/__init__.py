@@ -1,0 +1,1 @@
+"""`tpcontrol`'s command line (`main`): on top of every other package; nothing imports it."""
