@@ -14,16 +14,27 @@ from tpproxy.config import WorkloadKind
 from tpproxy.specs import HeaderMatch, PathMatch
 
 __all__ = [
+    "MANAGER_TOKEN_FILE",
     "AgentInfo",
     "ClientInfo",
     "Disposition",
+    "ErrorBody",
     "HeaderMatch",
     "Intercept",
     "InterceptRequest",
+    "LoginAnswer",
+    "ManagerInfo",
     "Mechanism",
     "PathMatch",
+    "PrepareRequest",
+    "PreparedIntercept",
+    "Removed",
     "Review",
     "ReviewDisposition",
+    "SessionId",
+    "UninstallRequest",
+    "Updated",
+    "UpgradeRequest",
 ]
 
 # Bounds on what a caller can make the manager hold (each string is kept per session or per
@@ -119,3 +130,83 @@ class Review(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     pod_ip: Name = ""
     environment: Environment = {}
     mechanism_desc: Text = ""
+
+
+# -- the manager's API for clients (the agent's part is above) ----------------------------
+
+# Kubernetes' own rules for the names a request carries: checked before any API call, so a bad
+# name is a 400 naming the field rather than whatever the API server makes of it.
+Namespace = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+ObjectName = Annotated[
+    str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", max_length=253)
+]
+
+
+class PrepareRequest(msgspec.Struct, frozen=True, rename="camel"):
+    workload: ObjectName
+    namespace: Namespace
+    kind: Literal["", "Deployment", "ReplicaSet", "StatefulSet"] = ""
+    service: str = ""
+    port: str = ""
+    mechanism: Literal["tcp", "http"] = "tcp"
+
+
+class PreparedIntercept(msgspec.Struct, frozen=True, rename="camel"):
+    namespace: str
+    workload: str
+    workload_kind: str
+    service_name: str
+    service_uid: str
+    service_port_name: str
+    service_port: int
+    protocol: str
+    container_name: str
+    container_port: int
+    agent_port: int
+    agent_image: str
+    agent_running: bool
+    entry_changed: bool
+
+
+class UninstallRequest(msgspec.Struct, frozen=True, rename="camel"):
+    namespace: Namespace
+    workload: ObjectName | Literal[""] = ""  # empty: every (non-manual) entry of the namespace
+
+
+class UpgradeRequest(msgspec.Struct, frozen=True, rename="camel"):
+    agent_image: str = ""  # empty or the configured image: the image never comes from a caller
+
+
+class LoginAnswer(msgspec.Struct, frozen=True, rename="camel"):
+    token: str
+    expires_at: float
+    username: str
+    groups: list[str]
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    error: str
+    code: str
+
+
+class SessionId(msgspec.Struct, frozen=True, rename="camel"):
+    session_id: str
+
+
+class ManagerInfo(msgspec.Struct, frozen=True, rename="camel"):
+    """Where the tunnel listens (on the API's host)."""
+
+    tunnel_port: int
+    version: str
+
+
+class Removed(msgspec.Struct, frozen=True):
+    """What an uninstall removed: the entries' names."""
+
+    removed: list[str]
+
+
+class Updated(msgspec.Struct, frozen=True):
+    """What an upgrade rewrote: `namespace/name` of each entry."""
+
+    updated: list[str]

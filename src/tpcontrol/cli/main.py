@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import uvloop
@@ -32,6 +31,7 @@ from tpproxy.logs import setup_logging
 if TYPE_CHECKING:
     from tpcontrol.client.credentials import ManagerCredential
     from tpcontrol.kube.agentconfig import GeneratorSettings
+    from tpproxy.wire import Intercept
 
 EXIT_USAGE = 2
 
@@ -443,67 +443,48 @@ async def _admin(args: argparse.Namespace) -> int:
 async def _admin_at(args: argparse.Namespace, base: str, credential: ManagerCredential) -> int:
     import aiohttp
 
-    from tpcontrol.client.credentials import CredentialError
+    from tpcontrol.client.intercept import InterceptSession, UsageError, printable
+    from tpproxy.wire import Intercept, Removed, UninstallRequest
 
     try:
-        headers = await credential.headers()
-    except CredentialError as exc:
-        return _fail(str(exc))
-    try:
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=30), headers=headers
-        ) as http:
-            if args.command == "list":
-                async with http.get(f"{base}/v1/intercepts") as r:
-                    if r.status != 200:
-                        return _fail(await _refusal(r))
-                    for i in await r.json():
-                        spec = i["spec"]
-                        where = f"{spec['workload']}.{spec['namespace']}"
-                        print(
-                            f"{i['id']:<40} {where:<24} {spec['mechanism']:<5} "
-                            f"{i['disposition']:<12} {i['client']}"
-                        )
+        async with aiohttp.ClientSession() as http:
+            session = InterceptSession(base, http, credential)
+            if args.command in ("list", "explain"):
+                listed = await session.call("GET", "/v1/intercepts", None, list[Intercept])
+                if args.command == "explain":
+                    return _explain(args, listed)
+                for i in listed:
+                    where = f"{i.spec.workload}.{i.spec.namespace}"
+                    print(printable(
+                        f"{i.id:<40} {where:<24} {i.spec.mechanism:<5} {i.disposition:<12} "
+                        f"{i.client}"
+                    ))  # fmt: skip
                 return 0
-            if args.command == "explain":
-                async with http.get(f"{base}/v1/intercepts") as r:
-                    if r.status != 200:
-                        return _fail(await _refusal(r))
-                    return _explain(args, await r.json())
             if not args.workload and not args.all:
                 return _fail("uninstall: name a WORKLOAD or give --all")
-            body = {"namespace": args.namespace, "workload": "" if args.all else args.workload}
-            async with http.post(f"{base}/v1/uninstall", json=body) as r:
-                if r.status != 200:
-                    return _fail(await _refusal(r))
-                answer = await r.json()
-                print("removed: " + (", ".join(answer["removed"]) or "nothing"))
-                return 0
+            body = UninstallRequest(
+                namespace=args.namespace, workload="" if args.all else args.workload
+            )
+            removed = await session.call("POST", "/v1/uninstall", body, Removed)
+            print("removed: " + (", ".join(removed.removed) or "nothing"))
+            return 0
+    except UsageError as exc:
+        return _fail(printable(str(exc)))
     except (aiohttp.ClientError, OSError) as exc:
         return _fail(f"cannot reach the traffic-manager at {base}: {exc}")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _fail(f"{base} does not answer as a traffic-manager does")
 
 
-async def _refusal(response: Any) -> str:
-    """The manager's `error`, or the status and the start of whatever else it sent."""
-    raw = await response.read()
-    try:
-        return str(json.loads(raw)["error"])
-    except (ValueError, KeyError, TypeError):
-        return f"{response.status}: {raw[:200].decode(errors='replace')}"
-
-
-def _explain(args: argparse.Namespace, listed: list[dict[str, object]]) -> int:
+def _explain(args: argparse.Namespace, listed: list[Intercept]) -> int:
     from tpproxy.agent import intercept_specs
     from tpproxy.http import explain
     from tpproxy.routing import PortRoutes
     from tpproxy.specs import build_routes
     from tpproxy.targets import Address
-    from tpproxy.wire import Intercept
 
     mine = [
-        i
-        for i in msgspec.convert(listed, list[Intercept])
-        if i.spec.workload == args.workload and i.spec.namespace == args.namespace
+        i for i in listed if i.spec.workload == args.workload and i.spec.namespace == args.namespace
     ]
     if not mine:
         print(f"no intercepts of {args.workload}.{args.namespace}: every request reaches the app")

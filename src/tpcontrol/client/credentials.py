@@ -16,7 +16,6 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -54,7 +53,7 @@ def kubeconfig_path(given: str | None) -> Path | None:
     return default if default.is_file() else None
 
 
-def _read(value: Any, base: Path, field: str) -> bytes:
+def _read(value: object, base: Path, field: str) -> bytes:
     path = Path(str(value))
     try:
         return (path if path.is_absolute() else base / path).read_bytes()
@@ -62,14 +61,14 @@ def _read(value: Any, base: Path, field: str) -> bytes:
         raise CredentialError(f"kubeconfig {field}: cannot read {path}: {exc.strerror}") from None
 
 
-def _data(value: Any, field: str) -> bytes:
+def _data(value: object, field: str) -> bytes:
     try:
         return base64.b64decode(str(value), validate=True)
     except ValueError:
         raise CredentialError(f"kubeconfig {field}: not base64") from None
 
 
-def _pem(user: dict[str, Any], base: Path, field: str) -> bytes:
+def _pem(user: dict[str, object], base: Path, field: str) -> bytes:
     """`FIELD-data` (base64) or `FIELD` (a path relative to the kubeconfig), else nothing."""
     if user.get(f"{field}-data"):
         return _data(user[f"{field}-data"], f"{field}-data")

@@ -4,6 +4,7 @@ through the manager's tunnel, hand the container's environment to a command, and
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import getpass
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -35,6 +36,19 @@ from tpproxy.agent import SessionLost
 from tpproxy.agent import watch_line as _watch_line
 from tpproxy.routing import HeaderRule, RuleError, ValueRule, check_rule_counts
 from tpproxy.specs import HeaderMatch, Op, PathMatch
+from tpproxy.wire import (
+    ClientInfo,
+    ErrorBody,
+    Intercept,
+    InterceptRequest,
+    ManagerInfo,
+    Mechanism,
+    PreparedIntercept,
+    PrepareRequest,
+    SessionId,
+)
+
+T = TypeVar("T")
 
 HEARTBEAT = 5.0
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -59,6 +73,14 @@ def parse_header(text: str) -> HeaderMatch:
     return HeaderMatch(name=name, value=value, op=kind)
 
 
+class ManagerRefused(UsageError):
+    """A 4xx/5xx answer of the manager; the message is its `error`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class InterceptSession:
     """One client session at the manager, holding one intercept until closed."""
@@ -67,18 +89,24 @@ class InterceptSession:
     http: aiohttp.ClientSession
     credential: ManagerCredential = field(default_factory=lambda: ManagerCredential(None))
     session: str = ""
-    intercept: dict[str, Any] = field(default_factory=dict)
 
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """One API call with the caller's credential; a refused manager token (the manager
-        restarted) is bought again once."""
-        status, answer = await self._call(method, path, body)
+    async def call(self, method: str, path: str, body: msgspec.Struct | None, answer: type[T]) -> T:
+        """One API call with the caller's credential, its answer decoded as `answer` (the
+        manager's own wire structs); ManagerRefused says why not. A refused manager token
+        (the manager restarted) is bought again once."""
+        status, raw = await self._call(method, path, body)
         if status == 401 and self.credential.user is not None and not self.credential.user.token:
             self.credential.invalidate()
-            status, answer = await self._call(method, path, body)
-        return status, answer
+            status, raw = await self._call(method, path, body)
+        if status >= 300:
+            try:
+                error = msgspec.json.decode(raw, type=ErrorBody).error
+            except msgspec.DecodeError:
+                error = f"{status}: {raw[:300].decode(errors='replace')}"
+            raise ManagerRefused(status, error)
+        return msgspec.json.decode(raw or b"null", type=answer)
 
-    async def _call(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+    async def _call(self, method: str, path: str, body: msgspec.Struct | None) -> tuple[int, bytes]:
         data = msgspec.json.encode(body) if body is not None else None
         try:
             headers = await self.credential.headers()
@@ -91,22 +119,21 @@ class InterceptSession:
             headers={"content-type": "application/json", **headers},
             timeout=CALL_TIMEOUT,  # a forward that accepts but never answers must not hang us
         ) as r:
-            raw = await r.read()
-            try:
-                return r.status, msgspec.json.decode(raw) if raw else None
-            except msgspec.DecodeError:
-                return r.status, {"error": raw[:300].decode(errors="replace")}
+            return r.status, await r.read()
 
     async def arrive(self) -> None:
         name = f"{getpass.getuser()}@{socket.gethostname()}"
-        status, answer = await self.call("POST", "/v1/clients", {"name": name, "version": "0.1.0"})
-        if status != 201:
-            raise UsageError(f"the manager refused this client: {answer}")
-        self.session = answer["sessionId"]
+        try:
+            arrived = await self.call(
+                "POST", "/v1/clients", ClientInfo(name=name, version="0.1.0"), SessionId
+            )
+        except ManagerRefused as exc:
+            raise UsageError(f"the manager refused this client: {exc}") from None
+        self.session = arrived.session_id
 
     async def depart(self) -> None:
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-            await self.call("DELETE", f"/v1/sessions/{self.session}")
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, UsageError):
+            await self.call("DELETE", f"/v1/sessions/{self.session}", None, type(None))
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -123,13 +150,14 @@ def _fail(message: str) -> int:
     return 2
 
 
-async def run_intercept(args: Any) -> int:
+async def run_intercept(args: argparse.Namespace) -> int:
     """The whole command; returns the exit code (the command's, when one was run)."""
     try:
         headers = [parse_header(h) for h in args.http_header]
     except UsageError as exc:
         return _fail(str(exc))
-    mechanism = "http" if (headers or args.http_path_prefix) else args.mechanism
+    # argparse's choices are exactly the Mechanism literals
+    mechanism: Mechanism = "http" if (headers or args.http_path_prefix) else args.mechanism
     if args.http_path_prefix and not args.http_path_prefix.startswith("/"):
         return _fail(f"--http-path-prefix {args.http_path_prefix!r}: must start with /")
     try:  # all the manager would refuse at create, refused before prepare rolls anything out
@@ -164,8 +192,8 @@ async def run_intercept(args: Any) -> int:
 
 
 async def _with_manager(
-    args: Any,
-    mechanism: str,
+    args: argparse.Namespace,
+    mechanism: Mechanism,
     headers: list[HeaderMatch],
     forward: ManagerForward | None,
     credential: ManagerCredential,
@@ -179,7 +207,7 @@ async def _with_manager(
             return _fail(f"cannot reach the traffic-manager at {args.manager}: {exc}")
         except UsageError as exc:
             return _fail(str(exc))
-        except (msgspec.DecodeError, KeyError, TypeError):
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return _fail(f"{args.manager} does not answer as a traffic-manager does")
         try:
             return await _intercept(client, args, mechanism, headers, forward)
@@ -187,7 +215,7 @@ async def _with_manager(
             return _fail(str(exc))
         except (aiohttp.ClientError, OSError) as exc:
             return _fail(f"the traffic-manager at {args.manager}: {exc or type(exc).__name__}")
-        except (msgspec.DecodeError, KeyError, TypeError, SessionLost) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, SessionLost) as exc:
             return _fail(f"unexpected answer from the traffic-manager: {exc!r}"[:300])
         finally:
             await client.depart()
@@ -195,50 +223,51 @@ async def _with_manager(
 
 async def _intercept(
     client: InterceptSession,
-    args: Any,
-    mechanism: str,
+    args: argparse.Namespace,
+    mechanism: Mechanism,
     headers: list[HeaderMatch],
     forward: ManagerForward | None,
 ) -> int:
-    request = {
-        "workload": args.workload,
-        "namespace": args.namespace,
-        "service": args.service,
-        "port": args.port,
-        "mechanism": mechanism,
-    }
-    status, prepared = await client.call("POST", "/v1/prepare", request)
-    if status != 200:
-        raise UsageError(prepared["error"].split("\n")[0] if prepared else f"prepare: {status}")
-    port_id = prepared["servicePortName"] or str(prepared["servicePort"])
+    request = PrepareRequest(
+        workload=args.workload,
+        namespace=args.namespace,
+        service=args.service,
+        port=args.port,
+        mechanism=mechanism,
+    )
+    try:
+        prepared = await client.call("POST", "/v1/prepare", request, PreparedIntercept)
+    except ManagerRefused as exc:
+        raise UsageError(str(exc).split("\n")[0]) from None
+    port_id = prepared.service_port_name or str(prepared.service_port)
     print(
-        f"intercepting {prepared['workloadKind']} {args.workload}.{args.namespace}: service "
-        f"{prepared['serviceName']} port {port_id} (container {prepared['containerName']}:"
-        f"{prepared['containerPort']}) -> localhost:{args.to}",
+        f"intercepting {prepared.workload_kind} {args.workload}.{args.namespace}: service "
+        f"{prepared.service_name} port {port_id} (container {prepared.container_name}:"
+        f"{prepared.container_port}) -> localhost:{args.to}",
         flush=True,
     )
-    spec = {
-        "name": args.name or f"{args.workload}-{port_id}",
-        "workload": args.workload,
-        "namespace": args.namespace,
-        "mechanism": mechanism,
-        "serviceName": prepared["serviceName"],
-        "servicePortIdentifier": port_id,
-        "containerPort": prepared["containerPort"],
-        "agentPort": prepared["agentPort"],
-        "targetPort": args.to,
-        "headers": [msgspec.to_builtins(h) for h in headers],
-    }
-    if args.http_path_prefix:
-        spec["path"] = msgspec.to_builtins(PathMatch(value=args.http_path_prefix, op="prefix"))
+    path = PathMatch(value=args.http_path_prefix, op="prefix") if args.http_path_prefix else None
+    spec = InterceptRequest(
+        name=args.name or f"{args.workload}-{port_id}",
+        workload=args.workload,
+        namespace=args.namespace,
+        mechanism=mechanism,
+        service_name=prepared.service_name,
+        service_port_identifier=port_id,
+        container_port=prepared.container_port,
+        agent_port=prepared.agent_port,
+        target_port=args.to,
+        headers=headers,
+        path=path,
+    )
     live = LiveIntercept(client, spec, args.to, args.tunnel_port, forward)
     await live.create()
-    pidfile = _pidfile(spec["name"])
+    pidfile = _pidfile(spec.name)
     await asyncio.to_thread(_write_pid, pidfile)
     heartbeat = asyncio.create_task(live.keep())
     try:
         intercept = await _until_active(client, live.id, args.wait)
-        local = local_environment(intercept.get("environment") or {}, args.env_allow)
+        local = local_environment(intercept.environment, args.env_allow)
         if local.notice():
             print(f"tpcontrol: {local.notice()}", file=sys.stderr, flush=True)
         env = {**local.given, "TELEPRESENCE_INTERCEPT_ID": live.id}
@@ -303,7 +332,7 @@ class LiveIntercept:
     def __init__(
         self,
         client: InterceptSession,
-        spec: dict[str, Any],
+        spec: InterceptRequest,
         local_port: int,
         tunnel_port: int | None = None,
         forward: ManagerForward | None = None,
@@ -318,15 +347,11 @@ class LiveIntercept:
 
     async def create(self) -> None:
         client = self.client
-        status, created = await client.call(
-            "POST", f"/v1/sessions/{client.session}/intercepts", self.spec
-        )
-        if status != 201:
-            raise UsageError(created["error"] if created else f"create: {status}")
-        self.id = created["id"]
-        _, info = await client.call("GET", "/v1/info")
+        path = f"/v1/sessions/{client.session}/intercepts"
+        self.id = (await client.call("POST", path, self.spec, Intercept)).id
+        info = await client.call("GET", "/v1/info", None, ManagerInfo)
         host = urlsplit(client.manager).hostname or "127.0.0.1"
-        port = self.tunnel_port or info["tunnelPort"]
+        port = self.tunnel_port or info.tunnel_port
         self.tunnel = TunnelClient(
             host,
             port,
@@ -344,9 +369,14 @@ class LiveIntercept:
         while True:
             await asyncio.sleep(HEARTBEAT)
             try:
-                status, _ = await client.call("POST", f"/v1/sessions/{client.session}/remain")
-                if status != 404:
+                try:
+                    remain = f"/v1/sessions/{client.session}/remain"
+                    await client.call("POST", remain, None, type(None))
                     continue
+                except ManagerRefused as exc:
+                    if exc.status != 404:
+                        print(f"  the traffic-manager refused a heartbeat: {exc}", flush=True)
+                        continue
                 print("the traffic-manager restarted: intercepting again", flush=True)
                 if self.tunnel is not None:
                     await self.tunnel.close()
@@ -372,10 +402,10 @@ class LiveIntercept:
     async def leave(self) -> None:
         if self.tunnel is not None:
             await self.tunnel.close()
-        path = f"/v1/sessions/{self.client.session}/intercepts/{self.spec['name']}"
+        path = f"/v1/sessions/{self.client.session}/intercepts/{self.spec.name}"
         try:
-            await self.client.call("DELETE", path)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            await self.client.call("DELETE", path, None, type(None))
+        except (aiohttp.ClientError, OSError, TimeoutError, UsageError) as exc:
             print(
                 f"could not tell the traffic-manager to end intercept {self.id} ({exc}): it "
                 "ends it when this client's session expires",
@@ -385,7 +415,7 @@ class LiveIntercept:
         print(f"left intercept {self.id}", flush=True)
 
 
-async def _until_active(client: InterceptSession, icept: str, wait: float) -> dict[str, Any]:
+async def _until_active(client: InterceptSession, icept: str, wait: float) -> Intercept:
     """Show each change of the intercept's state until it is ACTIVE (or fails)."""
     url = f"{client.manager}/v1/sessions/{client.session}/intercepts?watch=1"
     shown = ""
@@ -399,21 +429,21 @@ async def _until_active(client: InterceptSession, icept: str, wait: float) -> di
                 raw = await stream.read()
                 raise UsageError(f"watching intercept {icept}: {stream.status} {raw[:300]!r}")
             while line := await _watch_line(stream.content):
-                for intercept in msgspec.json.decode(line):
-                    if intercept["id"] != icept:
+                for intercept in msgspec.json.decode(line, type=list[Intercept]):
+                    if intercept.id != icept:
                         continue
-                    state = intercept["disposition"]
+                    state = intercept.disposition
                     if state != shown:
                         shown = state
                         note = (
                             " (pods are rolling out with the agent)" if state == "WAITING" else ""
                         )
-                        message = printable(str(intercept.get("message", "")))
-                        print(f"  {printable(str(state))}: {message}{note}", flush=True)
+                        message = printable(intercept.message)
+                        print(f"  {state}: {message}{note}", flush=True)
                     if state == "ACTIVE":
-                        return dict(intercept)
+                        return intercept
                     if state in ("AGENT_ERROR", "BAD_ARGS", "NO_AGENT", "NO_MECHANISM"):
-                        why = printable(str(intercept.get("message")))
+                        why = printable(intercept.message)
                         raise UsageError(f"intercept {icept}: {state}: {why}")
     except TimeoutError:
         raise UsageError(f"intercept {icept} not active after {wait:.0f} s") from None

@@ -35,7 +35,7 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Literal, TypeVar
+from typing import TypeVar
 
 import msgspec
 from aiohttp import web
@@ -63,6 +63,18 @@ from tpcontrol.manager.rollout import AgentConfigWatcher, Rollouts
 from tpcontrol.names import AGENT_CONTAINER, AGENT_TTL, CLIENT_TTL
 from tpproxy.config import ConfigError
 from tpproxy.tunnel import Hello
+from tpproxy.wire import (
+    ErrorBody,
+    LoginAnswer,
+    ManagerInfo,
+    PreparedIntercept,
+    PrepareRequest,
+    Removed,
+    SessionId,
+    UninstallRequest,
+    Updated,
+    UpgradeRequest,
+)
 
 log = logging.getLogger("tpcontrol.manager.api")
 
@@ -100,65 +112,6 @@ class ManagerSettings(msgspec.Struct, frozen=True, kw_only=True):
 MAX_WATCHES_PER_SESSION = 4
 MAX_WATCHES = 10_000
 CLIENT_CA = ("kube-system", "extension-apiserver-authentication", "client-ca-file")
-
-
-# Kubernetes' own rules for the names a request carries: checked before any API call, so a bad
-# name is a 400 naming the field rather than whatever the API server makes of it.
-Namespace = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
-ObjectName = Annotated[
-    str, msgspec.Meta(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", max_length=253)
-]
-
-
-class PrepareRequest(msgspec.Struct, frozen=True, rename="camel"):
-    workload: ObjectName
-    namespace: Namespace
-    kind: Literal["", "Deployment", "ReplicaSet", "StatefulSet"] = ""
-    service: str = ""
-    port: str = ""
-    mechanism: Literal["tcp", "http"] = "tcp"
-
-
-class PreparedIntercept(msgspec.Struct, frozen=True, rename="camel"):
-    namespace: str
-    workload: str
-    workload_kind: str
-    service_name: str
-    service_uid: str
-    service_port_name: str
-    service_port: int
-    protocol: str
-    container_name: str
-    container_port: int
-    agent_port: int
-    agent_image: str
-    agent_running: bool
-    entry_changed: bool
-
-
-class UninstallRequest(msgspec.Struct, frozen=True, rename="camel"):
-    namespace: Namespace
-    workload: ObjectName | Literal[""] = ""  # empty: every (non-manual) entry of the namespace
-
-
-class UpgradeRequest(msgspec.Struct, frozen=True, rename="camel"):
-    agent_image: str = ""  # empty or the configured image: the image never comes from a caller
-
-
-class LoginAnswer(msgspec.Struct, frozen=True, rename="camel"):
-    token: str
-    expires_at: float
-    username: str
-    groups: list[str]
-
-
-class ErrorBody(msgspec.Struct, frozen=True):
-    error: str
-    code: str
-
-
-class SessionId(msgspec.Struct, frozen=True, rename="camel"):
-    session_id: str
 
 
 STATUS = {
@@ -536,7 +489,7 @@ class Manager:
             await self.auth.client(bearer(header))
         except Unauthenticated:
             await self.identify(header, agent=True, what="GET /v1/info")
-        return _json({"tunnelPort": self.tunnel_port, "version": "0.1.0"})
+        return _json(ManagerInfo(tunnel_port=self.tunnel_port, version="0.1.0"))
 
     # -- sessions -------------------------------------------------------------------------------
     async def arrive_client(self, request: web.Request) -> web.Response:
@@ -793,7 +746,7 @@ class Manager:
                 f"no agent installed for {body.workload!r} in namespace {body.namespace!r}"
             )
         removed = [name for name in names if await self.store.delete(body.namespace, name)]
-        return _json({"removed": removed})
+        return _json(Removed(removed))
 
     async def upgrade(self, request: web.Request) -> web.Response:
         """Regenerate every non-manual entry with the configured agent image (what a Helm hook
@@ -828,4 +781,4 @@ class Manager:
                     continue
                 if await self.store.put(sidecar):
                     updated.append(f"{namespace}/{name}")
-        return _json({"updated": updated})
+        return _json(Updated(updated))
