@@ -2,6 +2,9 @@
 
 Every option can also come from the environment as TPCONTROL_<OPTION> (e.g.
 TPCONTROL_AGENT_IMAGE); an option given on the command line wins.
+
+Long on purpose: the argument parser of every command and the few lines that start each; the
+commands' logic lives in the service packages.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """`tpcontrol intercept`: prepare and create an intercept, deliver its traffic to a local port
 through the manager's tunnel, hand the container's environment to a command, and leave on exit.
+
+A little long: the whole `intercept` command, from prepare to leave.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ Service-account token mounts (`kube-api-access-xxxxx` since K8s 1.21, `<sa>-toke
 or anything under `/var/run/secrets/kubernetes.io/`) are ignored when comparing an existing agent or
 init container: their names differ from pod to pod and the admission controller adds them to
 containers it finds without one.
+
+Long on purpose: it is spec section 3.6 end to end (init container, agent container, volumes,
+hidden ports, probes), one pure function family whose steps share the same helpers.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ What the Secret holds that cannot be used (not PEM, a key that is not the certif
 certificate the CA did not sign or without the names) is replaced, with a warning naming the key:
 the Secret belongs to the injector (people who bring their own certificates use `--tls-dir`).
 A usable CA is kept even when the serving certificate is replaced, so the bundle stays.
+
+Long on purpose: one rotation state machine (bootstrap, renewal, CA overlap, caBundle upkeep)
+whose steps must be read together.
 """
 
 from __future__ import annotations

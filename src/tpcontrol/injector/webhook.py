@@ -9,6 +9,9 @@ rewritten here: the manager owns it, and a concurrent rewrite could undo a newer
 Unlike Telepresence 2.6, a user error never rejects the pod: it is admitted unchanged, with an
 AdmissionReview warning and a log line, so a broken intercept set-up cannot stop a workload
 from scaling.
+
+A little long: the decision logic of spec section 3.4 and the server that carries it, which
+share the outcome type.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ by container port number only, services are visited in name order, skipped servi
 silent, `headless` is never set. Error messages follow the spec's wording but name the workload as
 `<Kind> <name>.<namespace>` (2.6 printed the usually empty pod template name) and list what was
 considered when nothing matched.
+
+Long on purpose: it is spec section 2 end to end (services to container ports to agent ports),
+one pure generator whose error messages name every candidate.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ volumes), its run directory (sockets, runc's state, pod namespaces), cgroups und
 `/sys/fs/cgroup/*/<name>`, and kubelet 1.20's hard-coded `/var/lib/kubelet/device-plugins`.
 `reap` runs on exit, on Ctrl-C, and at the next start after a SIGKILL; a lock makes sure one
 cluster at a time owns those places.
+
+Long on purpose: one cluster's whole life (start in order, reap in reverse), whose steps share
+its names and paths.
 """
 
 from __future__ import annotations

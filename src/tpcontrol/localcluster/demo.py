@@ -9,6 +9,8 @@ the webhook injects); Bob intercepts the same port with another header; Carol ta
 everybody leaves; the agent is uninstalled (another rollout). Each step checks where every
 request went; a failed step says which pod is in trouble and why. Ctrl-C tears everything down.
 Exit 0 only when every step held.
+
+Long on purpose: the demo's walk-through, step by step, as the README describes it.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ part of the product. The wire format is dnslib's; the core (`NameTable`, `answer
 
 prints `listening on HOST:PORT` once its UDP and TCP sockets are bound, and exits on SIGTERM or
 SIGINT.
+
+Long on purpose: a small DNS server (sans-IO answers, the watch of Services and Endpoints, the
+UDP/TCP protocols) kept in one module as CoreDNS's stand-in.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Every tag is a content hash of what goes into the image, so an unchanged tree re
 containerd cannot confuse with the old one. The cache (default ~/.cache/tpcontrol/images, or
 TPCONTROL_IMAGE_CACHE) holds the base rootfs, the wheelhouses and one archive per image; it is
 written under a lock and through temporary names, so concurrent builds cannot corrupt it.
+
+Long on purpose: building three images without a registry (base, wheelhouse, buildah, cache,
+import) is one pipeline.
 """
 
 from __future__ import annotations

@@ -25,24 +25,24 @@ Endpoints (all JSON; errors are `{"error": ..., "code": ...}` with a 4xx status)
   GET    /v1/intercepts                    what the caller may see, others' environments left out
   GET    /v1/info                          the tunnel's port
   GET    /healthz
+
+Long on purpose: it is the whole HTTP API, a few lines per handler, with the endpoint table
+above as its map; who calls lives in `callers`, the browser guard in `browsers`, the rules in
+`state`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import msgspec
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.certs import Authority, context_from_pem
 from tpcontrol.kube.agentconfig import AgentConfigError, GeneratorSettings, generate
 from tpcontrol.kube.configmap import AgentConfigStore
 from tpcontrol.kube.workloads import Workloads
@@ -50,19 +50,19 @@ from tpcontrol.manager import access
 from tpcontrol.manager import state as st
 from tpcontrol.manager.auth import (
     ANONYMOUS,
-    Authenticator,
     AuthMode,
     Identity,
     Unauthenticated,
     bearer,
 )
+from tpcontrol.manager.browsers import browser_guard, printable_host
+from tpcontrol.manager.callers import Callers
 from tpcontrol.manager.images import ImageResolver
 from tpcontrol.manager.prepare import PrepareError, check_interceptable, find_intercept
 from tpcontrol.manager.rendezvous import Rendezvous
 from tpcontrol.manager.rollout import AgentConfigWatcher, Rollouts
-from tpcontrol.names import AGENT_CONTAINER, AGENT_TTL, CLIENT_TTL
+from tpcontrol.names import AGENT_TTL, CLIENT_TTL
 from tpproxy.config import ConfigError
-from tpproxy.tunnel import Hello
 from tpproxy.wire import (
     ErrorBody,
     LoginAnswer,
@@ -154,54 +154,6 @@ async def _body(request: web.Request, kind: type[T]) -> T:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-BROWSER_HEADERS = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest")
-
-
-def host_allowed(host: str, namespace: str) -> bool:
-    """Whether a request's Host names this manager as its callers do: an address (the local end
-    of a port-forward, the pod's IP), `localhost`, or the Service's names. Any other name is a
-    page in a browser that rebound its own DNS name to the port-forward (it sends no Origin)."""
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    name = name.strip("[]").rstrip(".").lower()
-    service = f"traffic-manager.{namespace}"
-    if name in {"localhost", "traffic-manager", service, f"{service}.svc",
-                f"{service}.svc.cluster.local"}:  # fmt: skip
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-def browser_guard(namespace: str) -> Middleware:
-    """Refuse, before any handler runs, what a page in a developer's browser can send to the
-    local end of a port-forward: requests the browser marks (Origin, Sec-Fetch-*), and requests
-    for a DNS name that is not this manager's (DNS rebinding)."""
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        marked = [h for h in BROWSER_HEADERS if h in request.headers]
-        host = request.headers.get("host", "")
-        if marked or not host_allowed(host, namespace):
-            why = f"header {marked[0]}" if marked else f"Host {printable_host(host)}"
-            return _json(
-                ErrorBody(
-                    f"refused: a browser's request ({why}); the traffic-manager is called by "
-                    "tpcontrol and its agents only",
-                    "forbidden",
-                ),
-                403,
-            )
-        return await handler(request)
-
-    return guard
-
-
-def printable_host(host: str) -> str:
-    return repr(host[:100])
-
-
 def _errors(handler: Handler) -> Handler:
     """Turn the typed errors of the state and the prepare logic into JSON error answers."""
 
@@ -254,10 +206,11 @@ class Manager:
         self._tasks: list[asyncio.Task[None]] = []
         self._version = -1
         self.stopping = False
-        self.auth = Authenticator(api)
-        self.access = access.Access(api, settings.namespace, settings.auth_mode)
-        self.core = k8s.CoreV1Api(api)
-        self.tunnel = Rendezvous(self.state, self.tunnel_check)
+        self.callers = Callers(
+            api, self.state, self.workloads, settings.namespace, settings.auth_mode
+        )
+        self.auth, self.access = self.callers.auth, self.callers.access
+        self.tunnel = Rendezvous(self.state, self.callers.tunnel_check)
         self.tunnel_port = 0
         self.login_port: int | None = None
         self.watches: dict[str, int] = {}
@@ -298,7 +251,7 @@ class Manager:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         bound: int = runner.addresses[0][1]
         if self.settings.login_port is not None:
-            tls = await self._login_tls()
+            tls = await self.callers.login_tls()
             if tls is not None:
                 # Loopback only: the login is reached through a port-forward (which the kubelet
                 # delivers inside the pod), never from another pod.
@@ -316,31 +269,6 @@ class Manager:
             host, bound, self.login_port, self.settings.auth_mode,
         )  # fmt: skip
         return runner, bound
-
-    async def _login_tls(self) -> ssl.SSLContext | None:
-        """A TLS context that asks for a client certificate signed by the cluster's client CA
-        (the API server publishes it in kube-system); None when the cluster has none."""
-        namespace, name, key = CLIENT_CA
-        try:
-            found = await self.core.read_namespaced_config_map(name, namespace)
-        except k8s.ApiException as exc:
-            log.warning("no client-certificate login: cannot read %s/%s: %s", namespace, name,
-                        exc.reason)  # fmt: skip
-            return None
-        bundle = (found.data or {}).get(key)
-        if not bundle:
-            log.warning("no client-certificate login: %s/%s has no %s", namespace, name, key)
-            return None
-        # Its own serving certificate: clients reach this port through the API server's
-        # port-forward, and what a client proves (a signature over this handshake) is worthless
-        # to anyone else, so they need not verify it.
-        cert, private = Authority.create("traffic-manager-login").issue(
-            "traffic-manager", dns=["localhost", f"traffic-manager.{self.settings.namespace}"]
-        )
-        context = context_from_pem(cert, private)
-        context.load_verify_locations(cadata=bundle)
-        context.verify_mode = ssl.CERT_OPTIONAL
-        return context
 
     async def stop(self) -> None:
         """Stop watching and end every intercept stream (so the runner's cleanup need not wait)."""
@@ -372,67 +300,6 @@ class Manager:
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
-    # -- who calls ------------------------------------------------------------------------------
-    def _permissive(self, what: str, why: str) -> bool:
-        if self.settings.auth_mode != "permissive":
-            return False
-        log.warning("permissive: would refuse %s: %s", what, why)
-        return True
-
-    async def identify(self, header: str | None, *, agent: bool, what: str) -> Identity:
-        """The caller behind a bearer token: a client's, or (agent=True) an agent pod's."""
-        try:
-            token = bearer(header)
-            return await (self.auth.agent if agent else self.auth.client)(token)
-        except Unauthenticated as exc:
-            if self._permissive(what, str(exc)):
-                return ANONYMOUS
-            raise
-
-    async def client_identity(self, request: web.Request) -> Identity:
-        header = request.headers.get("authorization")
-        return await self.identify(header, agent=False, what=f"{request.method} {request.path}")
-
-    def check_owner(self, owner: str, identity: Identity, what: str) -> None:
-        if owner == identity.key:
-            return
-        why = f"{what} belongs to another identity than {identity.username}"
-        if not self._permissive(what, why):
-            raise st.PermissionDenied(why + "; a session answers only to who opened it")
-
-    async def session_identity(self, request: web.Request) -> tuple[str, Identity]:
-        """The session of the path, and its caller, who must be the identity that opened it."""
-        sid = request.match_info["sid"]
-        if self.settings.auth_mode == "enforcing":
-            bearer(request.headers.get("authorization"))  # no credential: 401, not 404
-        owner, is_agent = self.state.owner(sid)
-        identity = await self.identify(
-            request.headers.get("authorization"),
-            agent=is_agent,
-            what=f"{request.method} {request.path}",
-        )
-        self.check_owner(owner, identity, "this session")
-        return sid, identity
-
-    async def tunnel_check(self, hello: Hello) -> None:
-        """A tunnel stream's first line must carry the credential of its session's owner."""
-        owner, is_agent = self.state.owner(hello.session)
-        if is_agent != (hello.role == "agent"):
-            raise st.PermissionDenied(f"role {hello.role!r} does not match the session")
-        header = f"Bearer {hello.token}" if hello.token else None
-        identity = await self.identify(header, agent=is_agent, what="a tunnel stream")
-        self.check_owner(owner, identity, "this session")
-
-    async def _require(self, identity: Identity, *checks: access.Check) -> None:
-        for check in checks:
-            refused = self.access.refused_namespace(check[4]) if check[4] else None
-            if refused:  # whatever the mode: nothing of these namespaces is ever enrolled
-                raise st.PermissionDenied(refused)
-        if identity is not ANONYMOUS:
-            await self.access.require(identity, *checks)
-        elif not self._permissive("an anonymous caller", "no identity to authorize"):
-            raise st.PermissionDenied("no identity to authorize")  # pragma: no cover
-
     async def login(self, request: web.Request) -> web.Response:
         """Trade a verified client certificate (TLS port) for an hour's manager token."""
         peer = request.transport.get_extra_info("peercert") if request.transport else None
@@ -462,7 +329,7 @@ class Manager:
     async def all_intercepts(self, request: web.Request) -> web.Response:
         """The intercepts of namespaces where the caller may intercept (`tpcontrol list`);
         another client's environment is never shown."""
-        identity = await self.client_identity(request)
+        identity = await self.callers.client_identity(request)
         visible: dict[str, bool] = {}
         shown: list[st.Intercept] = []
         for icept in self.state.all_intercepts():
@@ -488,12 +355,12 @@ class Manager:
         try:
             await self.auth.client(bearer(header))
         except Unauthenticated:
-            await self.identify(header, agent=True, what="GET /v1/info")
+            await self.callers.identify(header, agent=True, what="GET /v1/info")
         return _json(ManagerInfo(tunnel_port=self.tunnel_port, version="0.1.0"))
 
     # -- sessions -------------------------------------------------------------------------------
     async def arrive_client(self, request: web.Request) -> web.Response:
-        identity = await self.client_identity(request)
+        identity = await self.callers.client_identity(request)
         if identity is not ANONYMOUS:
             await self.access.require_client(identity)
         info = await _body(request, st.ClientInfo)
@@ -503,51 +370,18 @@ class Manager:
         return _json(SessionId(sid), 201)
 
     async def arrive_agent(self, request: web.Request) -> web.Response:
-        identity = await self.identify(
+        identity = await self.callers.identify(
             request.headers.get("authorization"), agent=True, what="POST /v1/agents"
         )
         info = await _body(request, st.AgentInfo)
         if identity is not ANONYMOUS:
-            info = await self.verified_agent(identity, info)
+            info = await self.callers.verified_agent(identity, info)
         sid = self.state.arrive_agent(info, identity.key)
         await self._wake()
         return _json(SessionId(sid), 201)
 
-    async def verified_agent(self, identity: Identity, info: st.AgentInfo) -> st.AgentInfo:
-        """What an agent claims, checked against its token's pod: same namespace and pod, a
-        pod with the agent container whose workload (owners followed by UID) is `name`. The
-        pod's IP is the pod's own, whatever the body says."""
-        namespace = identity.service_account_namespace
-        pod_name, pod_uid = identity.pod or ("", "")
-        if info.namespace != namespace:
-            raise st.PermissionDenied(
-                f"namespace: {info.namespace!r} is not the namespace of this agent's pod "
-                f"({namespace!r})"
-            )
-        if info.pod_name and info.pod_name != pod_name:
-            raise st.PermissionDenied(f"podName: {info.pod_name!r} is not this token's pod")
-        try:
-            pod = await self.core.read_namespaced_pod(pod_name, namespace)
-        except k8s.ApiException as exc:
-            if exc.status == 404:
-                raise st.PermissionDenied(f"the token's pod {pod_name!r} does not exist") from None
-            raise
-        if pod.metadata.uid != pod_uid:
-            raise st.PermissionDenied(f"the token's pod {pod_name!r} was replaced (uid differs)")
-        if not any(c.name == AGENT_CONTAINER for c in pod.spec.containers or ()):
-            raise st.PermissionDenied(f"pod {pod_name!r} has no {AGENT_CONTAINER} container")
-        workload = await self.workloads.owner_workload(
-            self.workloads.api.sanitize_for_serialization(pod), namespace
-        )
-        owner = (workload or {}).get("metadata", {}).get("name")
-        if owner != info.name:
-            raise st.PermissionDenied(
-                f"name: pod {pod_name!r} belongs to workload {owner!r}, not {info.name!r}"
-            )
-        return msgspec.structs.replace(info, pod_name=pod_name, pod_ip=pod.status.pod_ip or "")
-
     async def remain(self, request: web.Request) -> web.Response:
-        sid, identity = await self.session_identity(request)
+        sid, identity = await self.callers.session_identity(request)
         self.state.remain(sid)
         if not self.state.is_agent(sid) and identity is not ANONYMOUS:
             await self._reauthorize(sid, identity)
@@ -568,7 +402,7 @@ class Manager:
             if not lost:
                 continue
             why = f"{identity.username} may no longer {access.describe(lost[0])}"
-            if self._permissive(f"intercept {icept.id}", why):
+            if self.callers.permissive(f"intercept {icept.id}", why):
                 continue
             log.warning("intercept %s ended: %s", icept.id, why)
             self.state.revoke(icept.id, why)
@@ -577,14 +411,14 @@ class Manager:
             await self._wake()
 
     async def depart(self, request: web.Request) -> web.Response:
-        sid, _ = await self.session_identity(request)
+        sid, _ = await self.callers.session_identity(request)
         self.state.depart(sid)
         await self._wake()
         return web.Response(status=204)
 
     # -- intercepts -------------------------------------------------------------------------------
     async def prepare(self, request: web.Request) -> web.Response:
-        identity = await self.client_identity(request)
+        identity = await self.callers.client_identity(request)
         prepared = await self.prepare_intercept(await _body(request, PrepareRequest), identity)
         return _json(prepared)
 
@@ -597,13 +431,13 @@ class Manager:
         (so nothing rolls out). The caller must be allowed to intercept in the namespace before
         anything there is looked up, so a refusal says nothing of what exists.
         """
-        await self._require(identity, access.port_forward(req.namespace))
+        await self.callers.require(identity, access.port_forward(req.namespace))
         workload = await self.workloads.find(req.workload, req.namespace, req.kind)
         if workload is None:
             what = req.kind or "Deployment, ReplicaSet or StatefulSet"
             raise PrepareError(f"{what} {req.workload!r} not found in namespace {req.namespace!r}")
         kind = workload.get("kind", "Deployment")
-        await self._require(identity, access.get_workload(kind, req.namespace, req.workload))
+        await self.callers.require(identity, access.get_workload(kind, req.namespace, req.workload))
         workload.setdefault("metadata", {}).setdefault("namespace", req.namespace)
         check_interceptable(workload)
         image = await self.images.resolve(required=req.mechanism != "tcp")
@@ -637,10 +471,10 @@ class Manager:
         return msgspec.structs.replace(self.settings.generator, agent_image=image)
 
     async def create_intercept(self, request: web.Request) -> web.Response:
-        sid, identity = await self.session_identity(request)
+        sid, identity = await self.callers.session_identity(request)
         body = await _body(request, st.InterceptRequest)
         kind = body.workload_kind or "Deployment"
-        await self._require(
+        await self.callers.require(
             identity,
             access.port_forward(body.namespace),
             access.get_workload(kind, body.namespace, body.workload),
@@ -650,7 +484,7 @@ class Manager:
         return _json(intercept, 201)
 
     async def remove_intercept(self, request: web.Request) -> web.Response:
-        sid, _ = await self.session_identity(request)
+        sid, _ = await self.callers.session_identity(request)
         self.state.remove_intercept(sid, request.match_info["name"])
         await self._wake()
         return web.Response(status=204)
@@ -671,7 +505,7 @@ class Manager:
         return await self.access.allowed(identity, access.exec_pods(namespace))
 
     async def list_intercepts(self, request: web.Request) -> web.StreamResponse:
-        sid, identity = await self.session_identity(request)
+        sid, identity = await self.callers.session_identity(request)
         snapshot = await self._snapshot(sid, identity)
         if request.query.get("watch") not in ("1", "true"):
             return _json(snapshot)
@@ -714,7 +548,7 @@ class Manager:
         return response
 
     async def review(self, request: web.Request) -> web.Response:
-        sid, _ = await self.session_identity(request)
+        sid, _ = await self.callers.session_identity(request)
         body = await _body(request, st.Review)
         self.state.review(sid, request.match_info["id"], body)
         await self._wake()
@@ -723,18 +557,18 @@ class Manager:
     # -- cluster-wide operations --------------------------------------------------------------
     async def uninstall(self, request: web.Request) -> web.Response:
         """Remove entries; the watcher rolls the workloads back to pods without the agent."""
-        identity = await self.client_identity(request)
+        identity = await self.callers.client_identity(request)
         body = await _body(request, UninstallRequest)
         # Allowed in the namespace at all before anything of it is read.
-        await self._require(identity, access.port_forward(body.namespace))
+        await self.callers.require(identity, access.port_forward(body.namespace))
         if body.workload:
             entry = (await self.store.entries(body.namespace)).get(body.workload)
             kind = entry.workload_kind if entry is not None else "Deployment"
             check = access.patch_workload(kind, body.namespace, body.workload)
-            await self._require(identity, check)
+            await self.callers.require(identity, check)
         else:  # every kind it may remove entries of
             kinds = ("Deployment", "ReplicaSet", "StatefulSet")
-            await self._require(
+            await self.callers.require(
                 identity, *(access.patch_workload(k, body.namespace, "") for k in kinds)
             )
         entries = await self.store.entries(body.namespace)
@@ -751,9 +585,9 @@ class Manager:
     async def upgrade(self, request: web.Request) -> web.Response:
         """Regenerate every non-manual entry with the configured agent image (what a Helm hook
         calls after changing it); a cluster admin's operation."""
-        identity = await self.client_identity(request)
+        identity = await self.callers.client_identity(request)
         body = await _body(request, UpgradeRequest)
-        await self._require(identity, access.UPGRADE)
+        await self.callers.require(identity, access.UPGRADE)
         image = await self.images.resolve(required=False)
         if body.agent_image and body.agent_image != image:
             raise st.PermissionDenied(

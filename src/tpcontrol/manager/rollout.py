@@ -26,7 +26,6 @@ from tpproxy.config import ConfigError, Sidecar, decode_sidecar
 log = logging.getLogger("tpcontrol.manager.rollout")
 
 
-
 class Rollouts:
     """Restarts workloads the one way 2.6 does; counts what it did (for metrics and tests)."""
 

@@ -76,6 +76,10 @@ Decisions where the spec is silent or where we differ from 2.6 on purpose:
 - Objects handed out (snapshots, returned intercepts) are shared with the state and frozen;
   callers must not mutate their lists and dicts. Inputs are copied (and type-checked) on entry,
   so a caller keeping a reference to what it passed in cannot change the state.
+
+One module on purpose (about 900 lines, half of them this docstring and the checks): the rules
+between sessions, intercepts and reviews are one state machine whose invariants must be read
+together.
 """
 
 from __future__ import annotations
