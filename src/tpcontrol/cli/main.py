@@ -538,8 +538,24 @@ def _webhook_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `pip install tpproxy[control]` adds: without it the engine works and tpcontrol cannot.
+CONTROL_PACKAGES = frozenset({"kubernetes_asyncio", "cryptography", "jsonpatch", "dnslib"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tpcontrol` and `python -m tpcontrol`."""
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in CONTROL_PACKAGES:
+            raise
+        return _fail(
+            f"tpcontrol needs the control extra ({exc.name} is missing): "
+            "pip install 'tpproxy[control]'"
+        )
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     words = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []

@@ -390,11 +390,17 @@ class Walkthrough:
             local["alice"] = await self.start_local("http_echo.py", "alice's laptop")
             step.say(f"alice runs her version of web on localhost:{local['alice']}")
             waiting = asyncio.create_task(self.rollout(step, agent=True))
-            await self.intercept(
-                step, "alice", "--port", "http", "--http-header", "x-dev=alice",
-                "--to", str(local["alice"]),
-            )  # fmt: skip
-            (pod,) = await waiting
+            try:
+                await self.intercept(
+                    step, "alice", "--port", "http", "--http-header", "x-dev=alice",
+                    "--to", str(local["alice"]),
+                )  # fmt: skip
+                (pod,) = await waiting
+            finally:  # interrupted (Ctrl-C) or failed: the watch of the rollout ends with us
+                if not waiting.done():
+                    waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await waiting
             names = [c["name"] for c in pod["spec"]["containers"]]
             step.check(AGENT_CONTAINER in names, f"the webhook injected the agent: {names}")
             for rule in self.pod_rules(pod):
