@@ -473,11 +473,13 @@ class Manager:
     async def create_intercept(self, request: web.Request) -> web.Response:
         sid, identity = await self.callers.session_identity(request)
         body = await _body(request, st.InterceptRequest)
-        kind = body.workload_kind or "Deployment"
+        await self.callers.require(identity, access.port_forward(body.namespace))
+        # Agents are found by name: the kind checked is the enrolled workload's, not the
+        # request's (a grant on a StatefulSet `x` must not open the Deployment `x`).
+        entry = await self.store.get(body.namespace, body.workload)
+        kind = (entry.workload_kind if entry else "") or body.workload_kind or "Deployment"
         await self.callers.require(
-            identity,
-            access.port_forward(body.namespace),
-            access.get_workload(kind, body.namespace, body.workload),
+            identity, access.get_workload(kind, body.namespace, body.workload)
         )
         intercept = self.state.create_intercept(sid, body)
         await self._wake()

@@ -18,6 +18,7 @@ caches its webhook authenticators, so a tunnel stream costs no API call.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -36,6 +37,7 @@ MANAGER_TOKEN_PREFIX = "tpm1."
 MANAGER_TOKEN_LIFETIME = 3600.0
 CACHE_TTL = 30.0
 CACHE_SIZE = 4096
+MAX_REVIEWS_IN_FLIGHT = 16  # a flood of made-up tokens queues here, not at the API server
 MAX_TOKEN = 16 * 1024
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
@@ -150,6 +152,9 @@ class _Cache:
             return None
         return found[1]
 
+    def clear(self) -> None:
+        self._items.clear()
+
     def put(self, key: bytes, value: Identity | str) -> None:
         self._items[key] = (self.clock() + CACHE_TTL, value)
         self._items.move_to_end(key)
@@ -165,6 +170,11 @@ class Authenticator:
         self.manager_tokens = ManagerTokens()
         self._cache = _Cache(clock)
         self.calls = 0  # TokenReviews sent (what the cache saves)
+        self._in_flight = asyncio.Semaphore(MAX_REVIEWS_IN_FLIGHT)
+
+    def forget(self) -> None:
+        """Review every token afresh from now on."""
+        self._cache.clear()
 
     async def client(self, token: str) -> Identity:
         """A developer (or a program with a kubeconfig): a user token or a manager token."""
@@ -195,7 +205,8 @@ class Authenticator:
             return cached
         self.calls += 1
         spec = k8s.V1TokenReviewSpec(token=token, audiences=[audience] if audience else None)
-        answer = await self.reviews.create_token_review(k8s.V1TokenReview(spec=spec))
+        async with self._in_flight:
+            answer = await self.reviews.create_token_review(k8s.V1TokenReview(spec=spec))
         status = answer.status
         what = f"token for audience {audience!r}" if audience else "token"
         if status is None or not status.authenticated or status.user is None:
