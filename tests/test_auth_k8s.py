@@ -86,6 +86,17 @@ class Rig:
         assert status == 201, answer
         return str(answer["sessionId"])
 
+    async def alice_intercepts(self) -> tuple[str, Json]:
+        """Alice prepares echo in her namespace and intercepts its http port: (session, it)."""
+        prepare = {"workload": "echo", "namespace": self.team, "port": "http", "mechanism": "http"}
+        status, answer = await self.call("POST", "/v1/prepare", self.alice, prepare)
+        assert status == 200, answer
+        sid = await self.arrive(self.alice)
+        path = f"/v1/sessions/{sid}/intercepts"
+        status, icept = await self.call("POST", path, self.alice, intercept_spec(self.team))
+        assert status == 201, icept
+        return sid, icept
+
     async def snapshot(self) -> Json:
         """What an attack must not change: the workloads' generations and the agent configs."""
         apps, core = k8s.AppsV1Api(self.api), k8s.CoreV1Api(self.api)
@@ -256,15 +267,7 @@ def test_a_user_of_one_namespace_is_refused_in_every_other(
 def test_a_stolen_session_id_is_worth_nothing(control_plane: LocalControlPlane) -> None:
     async def scenario() -> None:
         async with auth_rig(control_plane) as rig:
-            await rig.call(
-                "POST", "/v1/prepare", rig.alice,
-                {"workload": "echo", "namespace": rig.team, "port": "http", "mechanism": "http"},
-            )  # fmt: skip
-            sid = await rig.arrive(rig.alice)
-            status, icept = await rig.call(
-                "POST", f"/v1/sessions/{sid}/intercepts", rig.alice, intercept_spec(rig.team)
-            )
-            assert status == 201
+            sid, icept = await rig.alice_intercepts()
             # Bob has her session id (it is in the intercept id, the default routing header).
             assert sid in icept["id"]
             for method, path, body in [
@@ -560,15 +563,7 @@ def test_a_pod_token_opens_no_session_and_a_lost_grant_ends_intercepts(
             assert status == 403, answer
             assert "traffic-manager-clients" in answer["error"]
 
-            await rig.call(
-                "POST", "/v1/prepare", rig.alice,
-                {"workload": "echo", "namespace": rig.team, "port": "http", "mechanism": "http"},
-            )  # fmt: skip
-            sid = await rig.arrive(rig.alice)
-            status, icept = await rig.call(
-                "POST", f"/v1/sessions/{sid}/intercepts", rig.alice, intercept_spec(rig.team)
-            )
-            assert status == 201
+            sid, icept = await rig.alice_intercepts()
             own = Hello(role="client", session=sid, intercept=icept["id"], token=rig.alice)
             assert await tunnel_hello(rig.manager.tunnel_port, own, within=0.5) is None
             # The namespace admin removes her binding: her next heartbeat ends the intercept.
