@@ -24,7 +24,7 @@ from tpcontrol.kube.agentconfig import GeneratorSettings, generate
 from tpcontrol.kube.configmap import AgentConfigStore
 from tpcontrol.kube.workloads import Workloads
 from tpcontrol.localcluster import LocalControlPlane
-from tpcontrol.localcluster.controlplane import client_certificate
+from tpcontrol.localcluster.controlplane import client_certificate, client_certificate_for
 from tpcontrol.manager.api import Manager, ManagerSettings
 from tpcontrol.manager.state import MAX_SESSIONS_PER_OWNER
 from tpproxy.tunnel import Hello, LineReader, Welcome
@@ -660,31 +660,11 @@ def test_a_certificate_with_two_common_names_buys_no_token(
 def _two_names(ca: Authority, first: str, last: str) -> tuple[bytes, bytes]:
     """A client certificate whose subject has two CNs: Go's API server reads the last, a naive
     reader the first."""
-    import datetime
-
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
-    from tpcontrol.certs import cert_pem, key_pem, new_key
-
-    key = new_key()
-    now = datetime.datetime.now(datetime.UTC)
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, first),
-            x509.NameAttribute(NameOID.COMMON_NAME, last),
-        ]
-    )
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(ca.cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca.key, hashes.SHA256())
-    )  # fmt: skip
-    return cert_pem(cert), key_pem(key)
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in (first, last)]
+    return client_certificate_for(ca, x509.Name(names))
 
 
 def test_a_configmap_writer_cannot_restart_other_workloads(

@@ -393,15 +393,20 @@ class LocalControlPlane:
 
 def client_certificate(ca: Authority, name: str, group: str) -> tuple[bytes, bytes]:
     """A client certificate (PEM cert, key) for `name` in `group`, signed by the cluster's CA:
-    the API server's identity towards the kubelet."""
-    key = new_key()
-    now = datetime.datetime.now(datetime.UTC)
+    the API server's identity towards the kubelet, a developer's in the demo."""
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, group),
             x509.NameAttribute(NameOID.COMMON_NAME, name),
         ]
     )
+    return client_certificate_for(ca, subject)
+
+
+def client_certificate_for(ca: Authority, subject: x509.Name) -> tuple[bytes, bytes]:
+    """A client certificate (PEM cert, key) with this subject, signed by the cluster's CA."""
+    key = new_key()
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
