@@ -4,6 +4,7 @@ processes they start end with them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import signal
 import sys
@@ -45,3 +46,14 @@ async def until_signalled() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def wait_or_kill(proc: asyncio.subprocess.Process, within: float) -> None:
+    """Wait for a helper process that was asked to end; SIGKILL it after `within` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            await proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()

@@ -17,7 +17,7 @@ from pathlib import Path
 import uvloop
 
 from tpproxy import __version__
-from tpproxy.config import ConfigError, listeners, load_sidecar
+from tpproxy.config import ConfigError, listeners, load_sidecar, unserved
 from tpproxy.engine import ListenError
 from tpproxy.logs import LEVELS, setup_logging
 from tpproxy.server import Proxy, load
@@ -174,14 +174,8 @@ def _agent_init(args: argparse.Namespace) -> int:
             path,
         )
         return 0
-    for listener in listeners(sidecar):
-        if listener.protocol == "UDP":
-            log.warning(
-                "UDP port %d is redirected to agent port %d, which tpproxy does not serve yet: "
-                "that UDP traffic will not reach the app",
-                listener.container_port,
-                listener.agent_port,
-            )
+    for line in unserved(sidecar):
+        log.warning("%s", line)
     if args.dry_run:
         for rule in rules:
             print(rule)

@@ -105,6 +105,18 @@ def listeners(sidecar: Sidecar) -> list[Listener]:
     return list(found.values())
 
 
+def unserved(sidecar: Sidecar) -> list[str]:
+    """Why some of the config's ports will not reach the app through tpproxy (UDP, which it
+    does not forward yet): the agent-init and the sidecar both warn with these lines."""
+    return [
+        f"agent port {lst.agent_port}/UDP (container {lst.container_name} port "
+        f"{lst.container_port}) is redirected but not forwarded: UDP is not supported yet, "
+        "so that traffic will not reach the app"
+        for lst in listeners(sidecar)
+        if lst.protocol == "UDP"
+    ]
+
+
 def _normalise_keys(raw: Any) -> Any:
     """Accept `Mounts` (written by `telepresence genyaml`) as well as `mounts`."""
     if not isinstance(raw, dict):

@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass, field
 
 from tpproxy.admin import AdminServer
-from tpproxy.config import ConfigError, Sidecar, listeners, load_sidecar
+from tpproxy.config import ConfigError, Sidecar, load_sidecar, unserved
 from tpproxy.engine import Engine, ListenError
 from tpproxy.http.protocol import HttpSettings
 from tpproxy.metrics import engine_registry
@@ -41,16 +41,8 @@ def initial_routes(settings: ProxySettings, sidecar: Sidecar | None) -> dict[int
 def load(settings: ProxySettings) -> tuple[Sidecar | None, dict[int, PortRoutes]]:
     """Read the agent config (if any) and build the initial route table."""
     sidecar = load_sidecar(settings.config) if settings.config else None
-    if sidecar is not None:
-        for listener in listeners(sidecar):
-            if listener.protocol == "UDP":
-                log.warning(
-                    "agent port %d/UDP (container %s port %d) is not forwarded: "
-                    "UDP is not supported yet",
-                    listener.agent_port,
-                    listener.container_name,
-                    listener.container_port,
-                )
+    for line in unserved(sidecar) if sidecar is not None else ():
+        log.warning("%s", line)
     return sidecar, initial_routes(settings, sidecar)
 
 

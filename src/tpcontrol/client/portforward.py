@@ -14,7 +14,7 @@ import contextlib
 import re
 
 from tpcontrol import names
-from tpcontrol.lifecycle import child_options
+from tpcontrol.lifecycle import child_options, wait_or_kill
 from tpcontrol.names import MANAGER_PORT
 
 API_PORT, TUNNEL_PORT, LOGIN_PORT = MANAGER_PORT, names.TUNNEL_PORT, names.LOGIN_PORT
@@ -121,12 +121,7 @@ class ManagerForward:
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+            await wait_or_kill(proc, within=5)
 
     async def __aenter__(self) -> ManagerForward:
         await self.start()

@@ -37,7 +37,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 from kubernetes_asyncio import client as k8s
@@ -46,6 +45,7 @@ from tpcontrol.localcluster.controlplane import (
     NODE_BINARIES,
     LocalControlPlane,
     NodeAccess,
+    Started,
     missing_binaries,
     testbin,
 )
@@ -300,7 +300,7 @@ def _after(words: list[str], key: str) -> str:
 
 
 @dataclass
-class LocalCluster:
+class LocalCluster(Started):
     """`with LocalCluster() as cluster:` a Ready node; `cluster.api()` gives an API client.
 
     `progress` gets one line per phase with its elapsed time. Images are imported into
@@ -325,15 +325,6 @@ class LocalCluster:
         # The default cluster is number 0; others get a number of their own from their name.
         number = 0 if self.name == "tpcontrol" else zlib.crc32(self.name.encode()) % 250 + 1
         self.network = NodeNetwork.numbered(self.name, number)
-
-    def __enter__(self) -> LocalCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- start ---------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -107,8 +108,29 @@ class NodeAccess:
     kubernetes_ip: str = "10.96.0.1"
 
 
+
+class Started:
+    """`with thing:` starts it and stops it again, however the block ends (the control plane
+    and the whole cluster both run this way)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
 @dataclass
-class LocalControlPlane:
+class LocalControlPlane(Started):
     """Start with `with LocalControlPlane() as cp:`; `cp.api()` gives an API client."""
 
     controller_manager: bool = True
@@ -121,15 +143,6 @@ class LocalControlPlane:
     _procs: list[subprocess.Popen[bytes]] = field(init=False, default_factory=list)
     _names: dict[int, str] = field(init=False, default_factory=dict)
     tokens: dict[str, str] = field(init=False, default_factory=dict)
-
-    def __enter__(self) -> LocalControlPlane:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self, timeout: float = 90.0) -> None:
         """Start etcd, the API server (wait until ready) and the controller-manager."""

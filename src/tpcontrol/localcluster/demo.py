@@ -31,7 +31,7 @@ from typing import Any, TypeVar, cast
 import yaml
 from kubernetes_asyncio import client as k8s
 
-from tpcontrol.lifecycle import cancel_on_sigterm, child_options
+from tpcontrol.lifecycle import cancel_on_sigterm, child_options, wait_or_kill
 from tpcontrol.localcluster import images as image_builder
 from tpcontrol.localcluster.cluster import NAME, ClusterError, LocalCluster, missing_tools
 from tpcontrol.localcluster.controlplane import ControlPlaneError, wait_for_service_account
@@ -307,12 +307,7 @@ class Walkthrough:
                         signal.SIGINT if proc in self.clients.values() else signal.SIGTERM
                     )
         for proc in [*self.clients.values(), *self.processes]:
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+            await wait_or_kill(proc, within=10)
 
     # -- the steps ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 LOCKS = Path("/run/tpcontrol-cluster")
@@ -52,23 +52,36 @@ TUNABLES = (  # what kubelet 1.20 writes (pkg/kubelet/cm/container_manager_linux
 
 
 @contextlib.contextmanager
-def machine_locked(within: float = 60) -> Iterator[None]:
-    """The machine-wide lock, for decisions that depend on which clusters run."""
-    LOCKS.mkdir(parents=True, exist_ok=True)
+def flocked(
+    path: Path, within: float, poll: float = 0.05, waiting: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """`path` locked exclusively (flock) for the block; `waiting` is told once if another
+    process holds it; TimeoutError if it is still held after `within` seconds."""
     deadline = time.monotonic() + within
-    with open(MACHINE_LOCK, "a+") as lock:
+    with path.open("a+") as lock:
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if waiting is not None:
+                    waiting()
+                    waiting = None
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{MACHINE_LOCK} held for over {within:.0f} s") from None
-                time.sleep(0.05)
+                    raise TimeoutError(f"{path} held for over {within:.0f} s") from None
+                time.sleep(poll)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def machine_locked(within: float = 60) -> Iterator[None]:
+    """The machine-wide lock, for decisions that depend on which clusters run."""
+    LOCKS.mkdir(parents=True, exist_ok=True)
+    with flocked(MACHINE_LOCK, within):
+        yield
 
 
 def lock_held(path: Path) -> bool:

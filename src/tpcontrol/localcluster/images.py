@@ -26,7 +26,6 @@ import) is one pipeline.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpcontrol.localcluster.controlplane import testbin
+from tpcontrol.localcluster.hostshare import flocked
 
 # Part of every hash: bump it when this module changes what it puts into an image.
 RECIPE = "1"
@@ -606,24 +606,16 @@ def _mb(size: int) -> str:
 @contextlib.contextmanager
 def _locked(path: Path, progress: Callable[[str], None]) -> Iterator[None]:
     """One builder per cache at a time; the others wait, then find the images cached."""
-    with path.open("a") as f:
-        deadline = time.monotonic() + T_LOCK
-        said = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not said:
-                    progress(f"images: waiting for another build ({path} is locked)")
-                    said = True
-                if time.monotonic() > deadline:
-                    raise ImageBuildError(f"lock: {path} still held after {T_LOCK} s") from None
-                time.sleep(0.5)
-        try:
+    try:
+        with flocked(
+            path,
+            T_LOCK,
+            poll=0.5,
+            waiting=lambda: progress(f"images: waiting for another build ({path} is locked)"),
+        ):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except TimeoutError as e:
+        raise ImageBuildError(f"lock: {e}") from None
 
 
 def _run(step: str, argv: Sequence[str | Path], timeout: float) -> str:
