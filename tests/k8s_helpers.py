@@ -117,7 +117,9 @@ async def wait_for_pods(
         while True:
             listed = await core.list_namespaced_pod(namespace, label_selector=selector)
             pods: list[Json] = [api.sanitize_for_serialization(p) for p in listed.items]
-            counted = [p for p in pods if not (count_live and p["metadata"].get("deletionTimestamp"))]
+            counted = [
+                p for p in pods if not (count_live and p["metadata"].get("deletionTimestamp"))
+            ]
             if len(counted) == count and ready(pods):
                 return pods
             await asyncio.sleep(0.1)

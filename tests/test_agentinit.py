@@ -356,7 +356,9 @@ def test_command_dry_run_prints_the_plan(tmp_path: Path, fake_iptables: Path) ->
     assert (
         out.splitlines()[-1] == f"-t nat -I OUTPUT 5 -m owner --uid-owner {os.getuid()} -j RETURN"
     )
-    assert "agent port 9902/UDP (container echo port 5353) is redirected but not forwarded" in err  # tpproxy has no UDP yet
+    assert (
+        "agent port 9902/UDP (container echo port 5353) is redirected but not forwarded" in err
+    )  # tpproxy has no UDP yet
     assert fake_calls(fake_iptables) == []
 
 

@@ -77,7 +77,9 @@ def _pause_binary(tmp: Path) -> Iterator[None]:
     (tmp / "pause.c").write_text(PAUSE_C)
     subprocess.run(
         ["gcc", "-Os", "-static", "-o", str(tmp / "pause"), str(tmp / "pause.c")],
-        check=True, timeout=120, capture_output=True,
+        check=True,
+        timeout=120,
+        capture_output=True,
     )
     old = os.environ.get("K8S_TESTBIN")
     os.environ["K8S_TESTBIN"] = str(tmp)
@@ -99,7 +101,9 @@ def _snapshot(dest: Path) -> Path:
 
 
 def _mtimes(images: img.Images) -> dict[str, float]:
-    return {i.ref: i.archive.stat().st_mtime for i in (images.product, images.examples, images.pause)}
+    return {
+        i.ref: i.archive.stat().st_mtime for i in (images.product, images.examples, images.pause)
+    }
 
 
 @pytest.fixture(scope="session")
@@ -199,7 +203,9 @@ def test_product_image_runs_both_clis_and_has_iptables(built: Built) -> None:
 @pytest.mark.timeout(BUILD_TIMEOUT)
 def test_examples_image_runs_the_apps(built: Built) -> None:
     with _container(built.images.examples) as c:
-        assert "--port" in _run_in(c, "/opt/examples/bin/python", "/examples/http_echo.py", "--help")
+        assert "--port" in _run_in(
+            c, "/opt/examples/bin/python", "/examples/http_echo.py", "--help"
+        )
         assert "--port" in _run_in(c, "python", "/examples/tcp_echo.py", "--help")
         _run_in(c, "/opt/examples/bin/python", "-c", "import h11")
 
@@ -292,7 +298,9 @@ def test_import_images_into_a_containerd(built: Built, tmp_path: Path) -> None:
     with (tmp_path / "containerd.log").open("w") as log:
         daemon = subprocess.Popen(
             ["containerd", "--config", str(tmp_path / "config.toml")],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 20
@@ -304,7 +312,10 @@ def test_import_images_into_a_containerd(built: Built, tmp_path: Path) -> None:
         img.import_images([images.product, images.examples, images.pause], sock)
         listed = subprocess.run(
             ["ctr", "-a", str(sock), "-n", "k8s.io", "images", "ls", "-q"],
-            capture_output=True, text=True, check=True, timeout=60,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
         ).stdout.split()
         assert {images.product.ref, images.examples.ref, images.pause.ref} <= set(listed)
         with pytest.raises(img.ImageBuildError, match="import"):

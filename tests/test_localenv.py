@@ -16,7 +16,7 @@ HOSTILE = [
     "$(touch {marker})",
     "`touch {marker}`",
     "'; touch {marker}; '",
-    "\"; touch {marker}; \"",
+    '"; touch {marker}; "',
     "a\ntouch {marker}\n",
     "${{HOME:?}} $HOME \\ \\' \\n",
     "x'\\''$(touch {marker})",

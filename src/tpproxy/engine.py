@@ -16,6 +16,7 @@ from typing import Protocol
 
 from tpproxy.forward import ClientRelay
 from tpproxy.http import protocol_class
+from tpproxy.http.h2_proxy import H2Proxy
 from tpproxy.http.protocol import HttpProxy, HttpSettings, PortContext
 from tpproxy.routing import PortRoutes, RouteTable
 from tpproxy.stats import StatsBook, TrafficStats
@@ -163,6 +164,13 @@ class Engine:
             tcp.connection_made(transport)
             tcp.data_received(data)
 
+        def handover_h2(transport: asyncio.Transport, data: bytes) -> None:
+            # An HTTP-mode connection that began with the HTTP/2 preface: routed per stream.
+            h2 = H2Proxy(contexts[0])
+            transport.set_protocol(h2)
+            h2.connection_made(transport)
+            h2.data_received(data)
+
         contexts: list[PortContext] = []  # made when the first HTTP connection arrives
         http_class = self._http_class
 
@@ -182,6 +190,7 @@ class Engine:
                         on_open=self._open.add,  # type: ignore[arg-type]
                         on_close=self._closed,  # type: ignore[arg-type]
                         handover_tcp=handover,
+                        handover_h2=handover_h2,
                     )
                 )
             return http_class(contexts[0])
@@ -203,7 +212,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         now = self._clock[0] = loop.time()
         for conn in list(self._open):
-            if isinstance(conn, HttpProxy):
+            if isinstance(conn, (HttpProxy, H2Proxy)):
                 conn.check_timeouts(now)
         self._reaper = loop.call_later(REAP_INTERVAL, self._reap)
 

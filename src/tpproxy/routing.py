@@ -93,9 +93,7 @@ class ValueRule:
         if op not in ("exact", "prefix", "regex"):
             raise RuleError(f"{where}: operator must be exact, prefix or regex, not {op!r}")
         if len(value) > MAX_RULE_VALUE:
-            raise RuleError(
-                f"{where}: value of {len(value)} characters; at most {MAX_RULE_VALUE}"
-            )
+            raise RuleError(f"{where}: value of {len(value)} characters; at most {MAX_RULE_VALUE}")
         regex = None
         if op == "regex":
             regex = compile_rule_regex(value, where)

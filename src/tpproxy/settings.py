@@ -21,10 +21,10 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
-
 ADMIN_PORT = 9180  # /livez (the injected liveness probe), /readyz, /metrics
 # The agent container's readiness probe is `/bin/stat` of this file (the injector's probe).
 READY_FILE = "/tmp/agent/ready"
+
 
 class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     """Every knob of `tpproxy run`; each is also `--flag-name` and `TPPROXY_FLAG_NAME`."""

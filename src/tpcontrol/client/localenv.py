@@ -41,6 +41,8 @@ WITHHELD_PREFIXES = (
 )  # fmt: skip
 WITHHELD_SUFFIXES = ("PAGER", "ASKPASS", "_OPTS", "_OPTIONS", "FLAGS", "_PROXY", "EDITOR")
 WITHHELD_PATTERN = re.compile(r"PS[0-9]|CC|CXX|CPP|LD|AR|AS|SHELLOPTS|TMOUT|DISPLAY|XAUTHORITY")
+
+
 def withheld(name: str) -> bool:
     """Whether a variable of this name changes how local programs load or start."""
     upper = name.upper()

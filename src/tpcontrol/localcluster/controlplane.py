@@ -108,7 +108,6 @@ class NodeAccess:
     kubernetes_ip: str = "10.96.0.1"
 
 
-
 class Started:
     """`with thing:` starts it and stops it again, however the block ends (the control plane
     and the whole cluster both run this way)."""

@@ -58,7 +58,12 @@ PIP_OPTIONS = "--no-index --find-links /wheels"
 
 # What each build context holds, relative to its root; the content hash covers exactly these.
 PRODUCT_CONTEXT = (
-    "Containerfile", ".containerignore", "pyproject.toml", "README.md", "LICENSE", "src"
+    "Containerfile",
+    ".containerignore",
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+    "src",
 )
 PRODUCT_REQUIRED = ("Containerfile", "pyproject.toml", "README.md", "src")
 EXAMPLES_CONTEXT = ("Containerfile", "http_echo.py", "tcp_echo.py")
@@ -287,12 +292,23 @@ class _Builder:
                 _run(
                     f"{kind} image: buildah build",
                     [
-                        "buildah", "build", "--pull=never", "--network=none", "--force-rm",
-                        "--layers=false", "-f", ctx / "Containerfile",
-                        "--build-arg", f"BASE={self.base_ref}",
-                        "--build-arg", f"PIP_OPTIONS={PIP_OPTIONS}",
-                        "-v", f"{wheels}:/wheels:ro",
-                        "-t", ref, ctx,
+                        "buildah",
+                        "build",
+                        "--pull=never",
+                        "--network=none",
+                        "--force-rm",
+                        "--layers=false",
+                        "-f",
+                        ctx / "Containerfile",
+                        "--build-arg",
+                        f"BASE={self.base_ref}",
+                        "--build-arg",
+                        f"PIP_OPTIONS={PIP_OPTIONS}",
+                        "-v",
+                        f"{wheels}:/wheels:ro",
+                        "-t",
+                        ref,
+                        ctx,
                     ],
                     T_BUILD,
                 )
@@ -330,9 +346,14 @@ class _Builder:
             _run(
                 "base image: config",
                 [
-                    "buildah", "config", "--cmd", '["python3"]',
-                    "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "--env", "LANG=C.UTF-8",
+                    "buildah",
+                    "config",
+                    "--cmd",
+                    '["python3"]',
+                    "--env",
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "--env",
+                    "LANG=C.UTF-8",
                     ctr,
                 ],
                 T_QUICK,
@@ -364,8 +385,15 @@ class _Builder:
                 _run(
                     "wheelhouse: pip wheel",
                     [
-                        sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check",
-                        "--no-input", "--wheel-dir", tmp, *self.requirements,
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "wheel",
+                        "--disable-pip-version-check",
+                        "--no-input",
+                        "--wheel-dir",
+                        tmp,
+                        *self.requirements,
                     ],
                     T_WHEELS,
                 )
@@ -393,8 +421,11 @@ class _Builder:
         tmp_meta = meta.with_name(f".tmp-{os.getpid()}-{meta.name}")
         try:
             tmp.unlink(missing_ok=True)
-            _run(f"{step}: buildah push", ["buildah", "push", "--quiet", ref,
-                                           f"docker-archive:{tmp}:{ref}"], T_PUSH)
+            _run(
+                f"{step}: buildah push",
+                ["buildah", "push", "--quiet", ref, f"docker-archive:{tmp}:{ref}"],
+                T_PUSH,
+            )
             tmp_meta.write_text(json.dumps({"ref": ref, "size": size}))
             # Metadata first: an archive without it is not trusted, so a crash between the two
             # renames costs a rebuild, never a wrong answer.
@@ -460,14 +491,16 @@ def _base_recipe() -> tuple[list[str], list[str], str]:
     if parts.is_dir():
         sources += sorted(p for p in parts.iterdir() if p.suffix in (".list", ".sources"))
     argv = [
-        "mmdebstrap", "--variant=minbase", "--format=tar",
+        "mmdebstrap",
+        "--variant=minbase",
+        "--format=tar",
         "--include=" + ",".join(BASE_PACKAGES),
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/info/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
-        "--aptopt=Acquire::Languages \"none\"",
+        '--aptopt=Acquire::Languages "none"',
         '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
         suite,
     ]
@@ -540,7 +573,9 @@ def _stage(root: Path, names: Iterable[str], dest: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir() and not path.is_symlink():
             shutil.copytree(
-                path, target, symlinks=True,
+                path,
+                target,
+                symlinks=True,
                 ignore=lambda _d, files: [f for f in files if _skipped(f)],
             )
         else:
@@ -576,7 +611,10 @@ def _image_info(ref: str) -> tuple[str, int] | None:
     try:
         proc = subprocess.run(
             ["buildah", "images", "--json", ref],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
             timeout=T_QUICK,
         )
     except (OSError, subprocess.SubprocessError):
@@ -623,8 +661,13 @@ def _run(step: str, argv: Sequence[str | Path], timeout: float) -> str:
     args = [str(a) for a in argv]
     try:
         proc = subprocess.run(
-            args, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-            check=False, timeout=timeout,
+            args,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+            timeout=timeout,
         )
     except FileNotFoundError as exc:
         raise ImageBuildError(f"{step}: {args[0]} not found") from exc
@@ -648,7 +691,7 @@ def _tail(stdout: str | bytes | None, stderr: str | bytes | None, lines: int = 2
 
     out, err = text(stdout), text(stderr)
     # buildah writes RUN's output (pip's errors) to stdout and its own verdict to stderr.
-    picked = out[-(lines - min(len(err), lines // 2)):] + err[-(lines // 2):]
+    picked = out[-(lines - min(len(err), lines // 2)) :] + err[-(lines // 2) :]
     return "\n".join(picked)
 
 

@@ -62,8 +62,7 @@ def install(cluster: LocalCluster, source: Path, image: str, within: float = 180
         if done.returncode != 0:
             raise ClusterError(
                 f"deployment {namespace}/{name} did not become available: "
-                f"{done.stderr.strip() or done.stdout.strip()}\n"
-                + cluster.describe_pods(namespace)
+                f"{done.stderr.strip() or done.stdout.strip()}\n" + cluster.describe_pods(namespace)
             )
     until_injector_called(cluster, deadline=started + within)
     return Installed(MANAGER_NAMESPACE, image, time.monotonic() - started)

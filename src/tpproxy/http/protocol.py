@@ -101,6 +101,7 @@ class PortContext:
     on_open: Callable[[object], None]
     on_close: Callable[[object], None]
     handover_tcp: Callable[[asyncio.Transport, bytes], None]
+    handover_h2: Callable[[asyncio.Transport, bytes], None]
 
 
 class HttpProxy(asyncio.Protocol):
@@ -242,11 +243,17 @@ class HttpProxy(asyncio.Protocol):
             self.head_started = self.last_active
             return True
         if data.startswith(H2_PREFACE):
-            # HTTP/2 with prior knowledge: no per-request routing, the port's TCP route takes it.
-            self.ctx.traffic.connections_open -= 1
+            # HTTP/2 with prior knowledge: its streams are routed one by one when the port has
+            # rules to route them by; without any, the port's TCP route takes it (no cost).
+            traffic = self.ctx.traffic
+            traffic.connections_open -= 1
             self.ctx.on_close(self)
             self.closing = True
-            self.ctx.handover_tcp(self.transport, data)
+            if self.ctx.routes().http_intercepts:
+                traffic.connections_total -= 1  # counted again as the HTTP/2 connection
+                self.ctx.handover_h2(self.transport, data)
+            else:
+                self.ctx.handover_tcp(self.transport, data)
             return True
         return False
 
