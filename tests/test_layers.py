@@ -14,6 +14,7 @@ PURE = [
     "tpproxy.config",
     "tpproxy.http.framing",
     "tpproxy.http.request",
+    "tpproxy.http.h2_streams",
     "tpcontrol.kube.agentconfig",
     "tpcontrol.injector.podpatch",
     "tpcontrol.manager.state",

@@ -33,6 +33,7 @@ from tpproxy.http.h2_streams import (
     RelayConnection,
     StreamRefused,
     config,
+    goaway_code,
     local_settings,
     read_request,
     unreachable_response,
@@ -168,6 +169,10 @@ class H2Proxy(asyncio.Protocol):
             # COMPRESSION_ERROR, ENHANCE_YOUR_CALM ...): send it and end the connection.
             log.info("port %d: HTTP/2 client broke the protocol: %s", self.ctx.port, exc)
             self.stats.count("-", "bad_request")
+            code = goaway_code(exc)
+            if code != exc.error_code:
+                self.conn.clear_outbound_data_buffer()  # h2's own GOAWAY, with its code
+                self._goaway(code, keep_streams=True)  # written as a frame of our own
             self.flush()
             self._close()
             return

@@ -18,7 +18,9 @@ from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import Event
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.frame import Frame, GoAwayFrame
 
 from tpproxy.routing import split_target
@@ -113,6 +115,16 @@ def _grpc_message(text: str) -> bytes:
         else:
             out += b"%%%02X" % byte
     return bytes(out)
+
+
+def goaway_code(error: ProtocolError) -> int:
+    """The GOAWAY code for a connection error h2 raised. h2 says PROTOCOL_ERROR for a field
+    block it cannot decode; RFC 9113 §4.3 asks for COMPRESSION_ERROR there (a block too large
+    once decoded stays h2's ENHANCE_YOUR_CALM)."""
+    cause = error.__cause__
+    if isinstance(cause, HPACKError) and not isinstance(cause, OversizedHeaderListError):
+        return int(ErrorCodes.COMPRESSION_ERROR)
+    return int(error.error_code)
 
 
 def config(client_side: bool) -> H2Configuration:
