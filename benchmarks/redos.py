@@ -37,7 +37,7 @@ def main() -> None:
         value = "a" * n
         last = median_seconds(functools.partial(backtracking.fullmatch, value), rounds=3)
         print(f"  {n:>7} a's: {last * 1e3:10.2f} ms")
-    print(f"  (40 a's, extrapolated at x2 per character: {last * 2 ** 16 / 3600:.1f} hours)")
+    print(f"  (40 a's, extrapolated at x2 per character: {last * 2**16 / 3600:.1f} hours)")
     rule = HeaderRule.make("x-dev", "regex", pattern, "headers[0]")
     print("tpproxy rule (RE2), the same match on a request's header:")
     base = 0.0
@@ -45,7 +45,9 @@ def main() -> None:
         headers = {"x-dev": ["a" * n]}
         took = median_seconds(functools.partial(rule.matches, headers))
         base = base or took / n
-        print(f"  {n:>7} a's: {took * 1e3:10.3f} ms   ({took / n / base:4.2f}x the time per a of 24)")
+        print(
+            f"  {n:>7} a's: {took * 1e3:10.3f} ms   ({took / n / base:4.2f}x the time per a of 24)"
+        )
     # The costliest rule the limits let through: a program near MAX_REGEX_PROGRAM whose DFA
     # overflows its cache, against a header value as long as the agent's head limit allows.
     worst = HeaderRule.make("x-dev", "regex", "(?s)(?:.*a.{140})", "headers[0]")

@@ -352,6 +352,12 @@ def test_explain_command(tmp_path: Path) -> None:
     bad = explain("-H", "no colon")
     assert bad.returncode == 2
     assert "--header 'no colon'" in bad.stderr
+    # A gRPC call is an HTTP/2 stream: its metadata are headers, its method the :path.
+    grpc = ("--http2", "--method", "POST", "--path", "/shop.Cart/Add")
+    assert explain(*grpc, "-H", "x-dev: alice").stdout.splitlines()[-1] == (
+        "=> alice (127.0.0.1:7001)"
+    )
+    assert explain(*grpc, "-H", "X-Dev: bob").stdout.splitlines()[-1] == "=> app (the app)"
 
 
 def test_out_of_file_descriptors_sheds_connections_and_recovers() -> None:

@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--header", "-H", action="append", default=[], metavar="NAME: VALUE", help="repeatable"
     )
+    explain.add_argument(
+        "--http2",
+        action="store_true",
+        help="as an HTTP/2 stream (gRPC: --method POST --path /pkg.Service/Method, metadata "
+        "as --header)",
+    )
     return parser
 
 
@@ -148,6 +154,16 @@ def _explain(args: argparse.Namespace) -> int:
     for header in args.header:
         if ":" not in header:
             return _fail(EXIT_CONFIG, f"--header {header!r}: expected 'NAME: VALUE'")
+    if args.http2:
+        from tpproxy.http import explain_stream
+
+        block = [(b":method", args.method.encode()), (b":path", args.path.encode())]
+        for header in args.header:
+            name, _, value = header.partition(":")
+            block.append((name.strip().lower().encode(), value.strip().encode()))
+        for line in explain_stream(routes[args.port], block):
+            print(line.replace("(127.0.0.1:1)", "(the app)"))
+        return 0
     lines = "".join(f"{h}\r\n" for h in args.header)
     if not any(h.lower().startswith("host:") for h in args.header):
         lines = "Host: explain\r\n" + lines

@@ -54,9 +54,9 @@ class EngineCollector(Collector):
             sent.add_metric([*labels, "to_client"], s.bytes_to_client)
         requests = CounterMetricFamily(
             "tpproxy_http_requests",
-            "HTTP requests by port, route (intercept id, app, or - when refused before routing) "
-            "and outcome (forwarded, fallback, unreachable, upstream_error, bad_request, "
-            "too_large, timeout).",
+            "HTTP requests and HTTP/2 streams by port, route (intercept id, app, or - when "
+            "refused before routing) and outcome (forwarded, fallback, unreachable, "
+            "upstream_error, bad_request, too_large, timeout, reset).",
             labels=["port", "route", "outcome"],
         )
         latency = HistogramMetricFamily(

@@ -66,7 +66,7 @@ PRODUCT_CONTEXT = (
     "src",
 )
 PRODUCT_REQUIRED = ("Containerfile", "pyproject.toml", "README.md", "src")
-EXAMPLES_CONTEXT = ("Containerfile", "http_echo.py", "tcp_echo.py")
+EXAMPLES_CONTEXT = ("Containerfile", "http_echo.py", "tcp_echo.py", "grpc_echo.py")
 SKIPPED_DIRS = ("__pycache__",)
 SKIPPED_SUFFIXES = (".pyc", ".egg-info")
 

@@ -1,4 +1,5 @@
-"""HTTP/1.1 mode: per-request routing on keep-alive connections, with two parser backends."""
+"""HTTP mode: per-request routing on HTTP/1.1 keep-alive connections (two parser backends) and
+per-stream routing on HTTP/2 connections (h2), by the same rules."""
 
 from tpproxy.http.protocol import HttpProxy
 from tpproxy.http.request import BadRequest, RequestHead
@@ -6,7 +7,15 @@ from tpproxy.routing import PortRoutes as PortRouting
 
 BACKENDS = ("httptools", "h11")
 
-__all__ = ["BACKENDS", "BadRequest", "HttpProxy", "RequestHead", "explain", "protocol_class"]
+__all__ = [
+    "BACKENDS",
+    "BadRequest",
+    "HttpProxy",
+    "RequestHead",
+    "explain",
+    "explain_stream",
+    "protocol_class",
+]
 
 
 def protocol_class(backend: str) -> type[HttpProxy]:
@@ -35,3 +44,15 @@ def explain(routes: PortRouting, request_head: bytes, backend: str = "h11") -> l
     except BadRequest as exc:
         return [f"refused with {exc.status}: {exc}"]
     return routes.explain(head.method, head.path, head.by_name())
+
+
+def explain_stream(routes: PortRouting, block: list[tuple[bytes, bytes]]) -> list[str]:
+    """`explain` for an HTTP/2 stream's request header block (pseudo-headers and metadata)."""
+    from tpproxy.http.h2_streams import StreamRefused, read_request
+
+    names = frozenset(name for name, _ in block if not name.startswith(b":"))
+    try:
+        request = read_request(block, names)
+    except StreamRefused as exc:
+        return [f"refused with RST_STREAM PROTOCOL_ERROR: {exc}"]
+    return routes.explain(request.method, request.path, request.headers)
