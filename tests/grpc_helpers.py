@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -18,6 +19,7 @@ import pytest
 import uvloop
 
 from tpproxy.engine import Engine
+from tpproxy.http.protocol import HttpSettings
 from tpproxy.routing import HeaderRule, HttpIntercept, PortRoutes, port_routes
 from tpproxy.targets import Address
 
@@ -116,14 +118,14 @@ class _Handler(grpc.GenericRpcHandler):
 class EngineThread:
     """An Engine on a uvloop loop of its own thread; `call` runs a coroutine there."""
 
-    def __init__(self) -> None:
+    def __init__(self, http: HttpSettings | None = None) -> None:
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.engine: Engine = self.call(self._make())
+        self.engine: Engine = self.call(self._make(http))
 
-    async def _make(self) -> Engine:
-        return Engine(host="127.0.0.1")
+    async def _make(self, http: HttpSettings | None) -> Engine:
+        return Engine(host="127.0.0.1", http=http)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -193,9 +195,9 @@ def dev(name: str | None) -> tuple[tuple[str, str], ...]:
     return (("x-dev", name),) if name else ()
 
 
-def start_rig() -> GrpcRig:
+def start_rig(http: HttpSettings | None = None) -> GrpcRig:
     app, alice = GrpcServer("app").start(), GrpcServer("alice").start()
-    rig = GrpcRig(EngineThread(), free_port(), app, alice)
+    rig = GrpcRig(EngineThread(http), free_port(), app, alice)
     rig.apply(rig.routes())
     return rig
 
@@ -204,3 +206,13 @@ def stop_rig(rig: GrpcRig) -> None:
     rig.engine.close()
     for server in (rig.app, rig.alice):
         server.stop(None)
+
+
+@contextmanager
+def running_rig(http: HttpSettings | None = None) -> Iterator[GrpcRig]:
+    """A rig for the length of a `with` (a fixture's), stopped however it ends."""
+    rig = start_rig(http)
+    try:
+        yield rig
+    finally:
+        stop_rig(rig)

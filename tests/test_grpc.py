@@ -15,17 +15,23 @@ import pytest
 from tpproxy.routing import HttpIntercept
 from tpproxy.targets import Address
 
-from .grpc_helpers import SERVICE, GrpcRig, call_of, dev, header_rule, start_rig, stop_rig, unary
+from .grpc_helpers import (
+    SERVICE,
+    GrpcRig,
+    call_of,
+    dev,
+    header_rule,
+    running_rig,
+    stop_rig,
+    unary,
+)
 from .helpers import free_port
 
 
 @pytest.fixture
 def rig() -> Iterator[GrpcRig]:
-    r = start_rig()
-    try:
+    with running_rig() as r:
         yield r
-    finally:
-        stop_rig(r)
 
 
 def test_unary_calls_on_one_channel_alternate_by_metadata(rig: GrpcRig) -> None:

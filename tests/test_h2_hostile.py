@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -31,8 +32,9 @@ from hypothesis import strategies as st
 
 from tpproxy.http.h2_proxy import H2Proxy
 from tpproxy.http.h2_streams import MAX_CONCURRENT_STREAMS, MAX_RESETS, STREAM_WINDOW
+from tpproxy.http.protocol import HttpSettings
 
-from .grpc_helpers import SERVICE, GrpcRig, dev, start_rig, stop_rig, unary
+from .grpc_helpers import SERVICE, GrpcRig, dev, running_rig, unary
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = range(9)
@@ -52,11 +54,8 @@ def raw(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 @pytest.fixture(scope="module")
 def rig() -> Iterator[GrpcRig]:
-    r = start_rig()
-    try:
+    with running_rig() as r:
         yield r
-    finally:
-        stop_rig(r)
 
 
 class RawClient:
@@ -351,3 +350,35 @@ def test_still_served_after_the_fuzzing(rig: GrpcRig) -> None:
         stream: grpc.UnaryStreamMultiCallable[bytes, bytes]
         stream = channel.unary_stream(SERVICE + "ServerStream")
         assert len(list(stream(b"3", metadata=dev("alice"), timeout=5))) == 3
+
+
+def test_idle_connection_and_drain_end_with_goaway() -> None:
+    with running_rig(HttpSettings(idle_timeout=1.0)) as rig:
+        idle = RawClient(rig.port)
+        try:
+            t0 = time.monotonic()
+            goaway = idle.goaway(within=5)
+            assert goaway.error_code == ErrorCodes.NO_ERROR
+            assert 0.9 < time.monotonic() - t0 < 4
+        finally:
+            idle.close()
+        busy = RawClient(rig.port)
+        try:
+            busy.send(SettingsFrame(0, flags=["ACK"]), busy.request(1, "Hang"))
+            busy.send(DataFrame(1, _grpc_message(b"1.0"), flags=["END_STREAM"]))
+            assert rig.app.hang_started.wait(5)
+            drained: list[int] = []
+            threading.Thread(
+                target=lambda: drained.append(rig.engine.call(rig.engine.engine.drain(10))),
+                daemon=True,
+            ).start()
+            frames = list(busy.frames(8))
+            kinds = [type(f).__name__ for f in frames]
+            first_goaway = kinds.index("GoAwayFrame")
+            last = frames[first_goaway]
+            assert isinstance(last, GoAwayFrame)
+            assert last.last_stream_id == 1
+            assert "HeadersFrame" in kinds[first_goaway:], kinds  # the open call was answered
+            assert busy.closed
+        finally:
+            busy.close()

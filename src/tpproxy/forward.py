@@ -227,3 +227,19 @@ async def connect(
         loop = asyncio.get_running_loop()
         return await loop.create_connection(protocol_factory, target.host, target.port)
     return await target.connector(protocol_factory)
+
+
+async def connect_within(
+    target: Target, protocol_factory: ProtocolFactory, within: float, port: int
+) -> str:
+    """`connect`, bounded by `within` seconds: "" once connected, else why not (a connector's own
+    failure is logged with its traceback, as a bug of the connector)."""
+    try:
+        async with asyncio.timeout(within):
+            await connect(target, protocol_factory)
+    except (TimeoutError, OSError) as exc:
+        return "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+    except Exception as exc:
+        log.exception("port %d: connector %s failed", port, target.label)
+        return str(exc) or type(exc).__name__
+    return ""

@@ -24,7 +24,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import Settings
 from hyperframe.frame import GoAwayFrame
 
-from tpproxy.forward import connect
+from tpproxy.forward import connect_within
 from tpproxy.http.h2_streams import (
     CONNECTION_WINDOW,
     MAX_RESETS,
@@ -257,19 +257,13 @@ class H2Proxy(asyncio.Protocol):
         return upstream
 
     async def _connect(self, upstream: H2Upstream) -> None:
-        target = upstream.target
-        try:
-            async with asyncio.timeout(self.ctx.connect_timeout):
-                await connect(target, lambda: upstream)
-        except (TimeoutError, OSError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            self._unreachable(upstream, reason)
-        except Exception as exc:  # a connector's own failure
-            log.exception("port %d: connector %s failed", self.ctx.port, target.label)
-            self._unreachable(upstream, str(exc) or type(exc).__name__)
-        else:
-            if self.closing:
-                upstream.close()
+        why = await connect_within(
+            upstream.target, lambda: upstream, self.ctx.connect_timeout, self.ctx.port
+        )
+        if why:
+            self._unreachable(upstream, why)
+        elif self.closing:
+            upstream.close()
 
     def _client_reset(self, event: ev.StreamReset) -> None:
         stream = self.streams.pop(event.stream_id or 0, None)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
-from tpproxy.forward import connect
+from tpproxy.forward import connect_within
 from tpproxy.http.framing import (
     BodyCursor,
     FramingError,
@@ -364,19 +364,13 @@ class HttpProxy(asyncio.Protocol):
         return upstream
 
     async def _connect(self, upstream: Upstream) -> None:
-        target = upstream.target
-        try:
-            async with asyncio.timeout(self.ctx.connect_timeout):
-                await connect(target, lambda: upstream)
-        except (TimeoutError, OSError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            self._upstream_failed(upstream, reason)
-        except Exception as exc:  # a connector's own failure
-            log.exception("port %d: connector %s failed", self.ctx.port, target.label)
-            self._upstream_failed(upstream, str(exc) or type(exc).__name__)
-        else:
-            if self.closing or upstream.closed:
-                upstream.close()
+        why = await connect_within(
+            upstream.target, lambda: upstream, self.ctx.connect_timeout, self.ctx.port
+        )
+        if why:
+            self._upstream_failed(upstream, why)
+        elif self.closing or upstream.closed:
+            upstream.close()
 
     def _forget(self, upstream: Upstream) -> None:
         """An upstream that takes no more requests: out of the pool, and no longer holding the
