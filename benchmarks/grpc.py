@@ -134,6 +134,7 @@ def h2load(
             f"--log-file={log}", f"http://{HOST}:{port}{PATH}"]  # fmt: skip
     if dev:
         argv[1:1] = ["-H", f"x-dev: {dev}"]
+    log.unlink(missing_ok=True)  # h2load appends to it
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True).stdout
     done = next(line for line in out.splitlines() if line.startswith("requests:"))
     if f"{requests} succeeded" not in done or " 2xx" not in out:

@@ -90,6 +90,7 @@ def test_grpc_calls_on_one_channel_split_by_metadata_through_the_tunnel(
                             assert line == f"{i} dev:m{i}", lines
                         else:
                             assert line == f"{i} served by {name}/grpc: {SERVICE}Unary m{i}", lines
+                    assert "port grpc speaks HTTP/2 (appProtocol grpc): each call" in cli.text
                     assert dev.metadata
                     assert dev.metadata[-1]["x-dev"] == "alice"
                 except BaseException:

@@ -86,3 +86,12 @@ def test_goaway_codes() -> None:
     bomb = raised(DenialOfServiceError("x"), OversizedHeaderListError())
     assert goaway_code(bomb) == ErrorCodes.ENHANCE_YOUR_CALM
     assert goaway_code(ProtocolError("x")) == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_the_intercept_command_says_what_an_http2_port_intercept_takes() -> None:
+    from tpcontrol.client.intercept import http2_hint
+
+    assert "routed on its own" in http2_hint("grpc", "grpc", "http")
+    whole = http2_hint("9000", "kubernetes.io/h2c", "tcp")
+    assert whole.startswith("port 9000 speaks HTTP/2 (appProtocol kubernetes.io/h2c)")
+    assert "--http-header" in whole

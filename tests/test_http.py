@@ -311,6 +311,28 @@ def test_connection_close_and_http10_are_honoured(backend: str) -> None:
     run(scenario())
 
 
+def test_h2c_upgrade_that_the_target_declines_keeps_routing_per_request(backend: str) -> None:
+    """`Upgrade: h2c` (deprecated by RFC 9113) is an upgrade like any other: the chosen target
+    may decline it by answering normally, and then the connection stays HTTP/1.1, its next
+    requests routed one by one."""
+
+    async def scenario() -> None:
+        async with rig(backend) as r:
+            upgrade = get(
+                "/a", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
+                "HTTP2-Settings: AAMAAABkAAQAAP__",
+            )  # fmt: skip
+            reader, writer = await send_raw(r.port, upgrade + get("/b", "x-dev: alice"))
+            responses = await read_responses(reader, 2)
+            assert [x.body.decode() for x in responses] == ["app GET /a", "alice GET /b"]
+            writer.write(get("/c", "x-dev: bob"))
+            (third,) = await read_responses(reader, 1)
+            assert third.body.decode() == "bob GET /c"
+            writer.close()
+
+    run(scenario())
+
+
 def test_websocket_upgrade_is_routed_per_request(backend: str) -> None:
     async def scenario() -> None:
         async def named(name: str) -> tuple[object, int]:

@@ -166,6 +166,7 @@ class PreparedIntercept(msgspec.Struct, frozen=True, rename="camel"):
     agent_image: str
     agent_running: bool
     entry_changed: bool
+    app_protocol: str = ""  # the Service port's appProtocol (e.g. grpc, h2c), if it has one
 
 
 class UninstallRequest(msgspec.Struct, frozen=True, rename="camel"):

@@ -36,6 +36,7 @@ from tpcontrol.client.tunnel import TunnelClient
 from tpcontrol.lifecycle import until_signalled
 from tpproxy.agent import SessionLost
 from tpproxy.agent import watch_line as _watch_line
+from tpproxy.http.h2_streams import HTTP2_APP_PROTOCOLS
 from tpproxy.routing import HeaderRule, RuleError, ValueRule, check_rule_counts
 from tpproxy.specs import HeaderMatch, Op, PathMatch
 from tpproxy.wire import (
@@ -223,6 +224,17 @@ async def _with_manager(
             await client.depart()
 
 
+def http2_hint(port_id: str, app_protocol: str, mechanism: Mechanism) -> str:
+    """What an intercept of an HTTP/2 (gRPC) port takes: single calls, or the whole port."""
+    said = f"port {port_id} speaks HTTP/2 (appProtocol {app_protocol})"
+    if mechanism == "http":
+        return f"{said}: each call on a connection is routed on its own by the header rules"
+    return (
+        f"{said}: this intercept takes every call of the port; --http-header NAME=VALUE would "
+        "take only the calls whose metadata match"
+    )
+
+
 async def _intercept(
     client: InterceptSession,
     args: argparse.Namespace,
@@ -248,6 +260,8 @@ async def _intercept(
         f"{prepared.container_port}) -> localhost:{args.to}",
         flush=True,
     )
+    if prepared.app_protocol.lower() in HTTP2_APP_PROTOCOLS:
+        print(http2_hint(port_id, prepared.app_protocol, mechanism), flush=True)
     path = PathMatch(value=args.http_path_prefix, op="prefix") if args.http_path_prefix else None
     spec = InterceptRequest(
         name=args.name or f"{args.workload}-{port_id}",

@@ -465,6 +465,7 @@ class Manager:
             agent_image=sidecar.agent_image,
             agent_running=bool(self.state.agents_of(req.namespace, sidecar.agent_name)),
             entry_changed=changed,
+            app_protocol=icept.app_protocol,
         )
 
     def _generator(self, image: str) -> GeneratorSettings:

@@ -44,6 +44,8 @@ MAX_RESETS = 200
 RESET_WINDOW = 1.0
 
 GRPC_UNAVAILABLE = 14
+# Service port appProtocols that say the port speaks HTTP/2 in plaintext (gRPC included).
+HTTP2_APP_PROTOCOLS = frozenset({"grpc", "h2c", "kubernetes.io/h2c", "http2"})
 
 
 class StreamRefused(ValueError):
