@@ -3,14 +3,20 @@ its own by its metadata, with real grpcio clients and servers on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import grpc
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import RequestReceived
 
 from tpproxy.routing import HttpIntercept
 from tpproxy.targets import Address
@@ -260,3 +266,55 @@ def test_concurrent_streams_beyond_the_targets_limit_wait_their_turn() -> None:
             assert [f.result(30) for f in futures] == [b"app:%d" % i for i in range(40)]
     finally:
         stop_rig(rig)
+
+
+class _Resetter(asyncio.Protocol):
+    """A target that resets every stream it is sent (RST_STREAM CANCEL), as a server that gave
+    up on a call does."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.conn = H2Connection(H2Configuration(client_side=False))
+        self.conn.initiate_connection()
+        self.transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, RequestReceived) and event.stream_id:
+                self.conn.reset_stream(event.stream_id, ErrorCodes.CANCEL)
+        self.transport.write(self.conn.data_to_send())
+
+
+def test_a_reset_at_the_target_reaches_the_client_and_spares_the_channel(rig: GrpcRig) -> None:
+    async def listen() -> int:
+        server = await asyncio.get_running_loop().create_server(_Resetter, "127.0.0.1", 0)
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    port = rig.engine.call(listen())
+    rig.apply(
+        rig.routes(
+            HttpIntercept("gives-up", Address("127.0.0.1", port), header_rule("x-dev", "gives-up"))
+        )
+    )
+    with rig.channel() as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            unary(channel)(b"x", metadata=dev("gives-up"), timeout=5)
+        assert call_of(caught).code() == grpc.StatusCode.CANCELLED
+        assert unary(channel)(b"y", metadata=dev("alice"), timeout=5) == b"alice:y"
+    assert rig.outcomes()[("gives-up", "upstream_error")] == 1
+
+
+def test_a_target_lost_mid_call_answers_the_call_and_spares_the_channel(rig: GrpcRig) -> None:
+    with rig.channel() as channel:
+        slow = unary(channel, "Hang").future(b"30", metadata=dev("alice"), timeout=20)
+        assert rig.alice.hang_started.wait(5)
+        rig.alice.stop(None)  # at once: the call in flight is dropped with the connection
+        with pytest.raises(grpc.RpcError) as caught:
+            slow.result(20)
+        assert call_of(caught).code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                          grpc.StatusCode.INTERNAL)  # fmt: skip
+        assert unary(channel)(b"still", timeout=5) == b"app:still"
+        with pytest.raises(grpc.RpcError) as gone:
+            unary(channel)(b"x", metadata=dev("alice"), timeout=5)
+        assert call_of(gone).code() == grpc.StatusCode.UNAVAILABLE

@@ -382,3 +382,16 @@ def test_idle_connection_and_drain_end_with_goaway() -> None:
             assert busy.closed
         finally:
             busy.close()
+
+
+def test_ping_and_settings_are_answered_per_hop(rig: GrpcRig) -> None:
+    client = RawClient(rig.port, settings={SettingsFrame.MAX_FRAME_SIZE: 1 << 20})
+    try:
+        client.send(PingFrame(0, b"12345678"))
+        seen = list(client.frames(1))
+        acks = [f for f in seen if isinstance(f, PingFrame) and "ACK" in f.flags]
+        assert [a.opaque_data for a in acks] == [b"12345678"]
+        assert any(isinstance(f, SettingsFrame) and "ACK" in f.flags for f in seen)
+        assert not client.closed
+    finally:
+        client.close()
