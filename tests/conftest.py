@@ -25,7 +25,7 @@ CLUSTER_NAME = "tests"  # its own name, network and paths: a demo may run beside
 # and, across layers: k8s (an API server of some kind), root, slow.
 PROXY_MODULES = {
     "test_engine", "test_http", "test_http_differential", "test_http_memory", "test_admin",
-    "test_cli", "test_demo", "test_grpc", "test_h2_hostile",
+    "test_cli", "test_demo", "test_grpc", "test_h2_hostile", "test_mounts",
 }  # fmt: skip
 E2E_FIXTURES = {"cluster", "built"}
 ROOT_FIXTURES = {"cluster", "built", "netns"}

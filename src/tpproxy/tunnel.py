@@ -11,6 +11,8 @@ client's session, and an agent stream to an intercept of that agent's workload.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
 from typing import Literal, cast
 
@@ -19,6 +21,8 @@ import msgspec
 from tpproxy.forward import WRITE_HIGH_WATER, WRITE_LOW_WATER, _Relay
 from tpproxy.stats import TrafficStats
 from tpproxy.targets import Connector, ProtocolFactory
+
+log = logging.getLogger("tpproxy.tunnel")
 
 MAX_LINE = 20 * 1024  # a Hello with a bearer token of up to 16 KiB
 
@@ -31,6 +35,9 @@ class Hello(msgspec.Struct, frozen=True, rename="camel"):
     session: str
     intercept: str
     token: str = ""
+    # traffic: the agent opens the stream for an intercepted connection, the client parks;
+    # mount: the client opens it for its sshfs mount, the agent parks.
+    purpose: Literal["traffic", "mount"] = "traffic"
 
 
 class Welcome(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
@@ -150,3 +157,89 @@ def join(
         a.data_received(agent_rest)
     if client_rest:
         c.data_received(client_rest)
+
+
+class StreamPool:
+    """Keeps `pool` streams parked at the manager for one `hello` (its role, session, intercept
+    and purpose); each one the manager pairs is joined to a new connection to `local`, and a
+    fresh one takes its place. The developer's client parks streams for intercepted traffic,
+    the agent parks streams for the developer's mounts."""
+
+    def __init__(
+        self,
+        manager: tuple[str, int],
+        hello: Hello,
+        local: tuple[str, int],
+        pool: int = 4,
+        token: Callable[[], str] = lambda: "",
+    ) -> None:
+        self.manager = manager
+        self.hello = hello
+        self.token = token
+        self.local = local
+        self.pool = pool
+        self.stats = TrafficStats(local[1], hello.intercept, f"{local[0]}:{local[1]}")
+        self.served = 0
+        self.refused: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def start(self) -> None:
+        for _ in range(self.pool):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._one_stream())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _one_stream(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, reader = await loop.create_connection(LineReader, *self.manager)
+        except OSError as exc:
+            log.warning("cannot reach the manager's tunnel: %s", exc)
+            await asyncio.sleep(1)
+            self._spawn()
+            return
+        try:
+            hello = msgspec.structs.replace(self.hello, token=self.token())
+            transport.write(msgspec.json.encode(hello) + b"\n")
+            line, rest = await reader.line  # answered when an agent's stream is paired with us
+            welcome = msgspec.json.decode(line, type=Welcome)
+        except (TunnelError, msgspec.DecodeError) as exc:
+            transport.abort()
+            if not self._closed:
+                await asyncio.sleep(1)
+                self._spawn()
+            log.debug("idle stream ended: %s", exc)
+            return
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        if not welcome.ok:
+            self.refused = welcome.error
+            log.error("the manager refused the tunnel: %s", welcome.error)
+            transport.close()
+            return
+        self._spawn()  # replace ourselves in the pool before serving
+        try:
+            _, local = await loop.create_connection(LineReader, *self.local)
+        except OSError as exc:
+            log.warning("paired stream: local %s:%d: %s", *self.local, exc)
+            transport.abort()
+            return
+        self.served += 1
+        self.stats.connections_total += 1
+        early, local.buffer = local.buffer, b""  # anything the local server already said
+        join(local, early, reader, rest, self.stats)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

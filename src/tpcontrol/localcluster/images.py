@@ -511,8 +511,8 @@ def _base_recipe() -> tuple[list[str], list[str], str]:
 
 
 def _requirements(pyproject: Path) -> list[str]:
-    """The wheelhouse's contents: the runtime dependencies (the control extra's included: the
-    product image runs tpcontrol too) and the build backend.
+    """The wheelhouse's contents: the runtime dependencies (the control and mounts extras'
+    included: the product image runs tpcontrol and serves mounts too) and the build backend.
 
     The build backend is there because the Containerfile builds the project from source inside
     the offline build (pip's build isolation then installs it from /wheels). The project itself
@@ -522,7 +522,8 @@ def _requirements(pyproject: Path) -> list[str]:
     try:
         data = tomllib.loads(pyproject.read_text())
         deps = [str(d) for d in data["project"].get("dependencies", [])]
-        deps += [str(d) for d in data["project"]["optional-dependencies"].get("control", [])]
+        extras = data["project"]["optional-dependencies"]
+        deps += [str(d) for extra in ("control", "mounts") for d in extras.get(extra, [])]
         build = [str(d) for d in data.get("build-system", {}).get("requires", ["setuptools"])]
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
         raise ImageBuildError(f"wheelhouse: cannot read {pyproject}: {exc}") from exc

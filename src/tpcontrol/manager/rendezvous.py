@@ -1,5 +1,9 @@
-"""The manager's side of the tunnel: pairs an agent's stream with an idle stream of the client
-that owns the intercept, and splices them (see `tpproxy.tunnel` for the stream format)."""
+"""The manager's side of the tunnel: pairs a stream with an idle (parked) stream of the other
+side of the same intercept, and splices them (see `tpproxy.tunnel` for the stream format).
+
+For intercepted traffic the client parks and the agent opens; for the developer's mounts the
+agent parks and the client opens. Either way each side is checked against the intercept: the
+client must own it, the agent must serve its workload."""
 
 from __future__ import annotations
 
@@ -38,8 +42,9 @@ class Rendezvous:
         StateError or Unauthenticated to refuse it."""
         self.state = state
         self.check = check
-        self.idle: dict[str, deque[tuple[LineReader, bytes]]] = {}
-        self.arrived: dict[str, asyncio.Event] = {}
+        # Parked streams and their arrival events, by (purpose, intercept id).
+        self.idle: dict[tuple[str, str], deque[tuple[LineReader, bytes]]] = {}
+        self.arrived: dict[tuple[str, str], asyncio.Event] = {}
         self.stats = TrafficStats(0, "tunnel", "manager")
         self.paired = 0
         self._server: asyncio.Server | None = None
@@ -64,22 +69,22 @@ class Rendezvous:
         client that left, an intercept removed): called by the manager's housekeeping, so that
         what is parked is only what can still be paired. Returns how many were dropped."""
         dropped = 0
-        for intercept in list(self.idle):
-            streams = self.idle[intercept]
+        for key in list(self.idle):
+            streams = self.idle[key]
             keep = deque(
                 (r, rest) for r, rest in streams
-                if intercept in live and r.transport is not None and not r.transport.is_closing()
+                if key[1] in live and r.transport is not None and not r.transport.is_closing()
             )  # fmt: skip
             for reader, _ in streams:
                 if all(reader is not k for k, _ in keep) and reader.transport is not None:
                     reader.transport.abort()
             dropped += len(streams) - len(keep)
             if keep:
-                self.idle[intercept] = keep
+                self.idle[key] = keep
             else:
-                del self.idle[intercept]
-        for intercept in [i for i in self.arrived if i not in live]:
-            del self.arrived[intercept]
+                del self.idle[key]
+        for key in [k for k in self.arrived if k[1] not in live]:
+            del self.arrived[key]
         return dropped
 
     def parked(self) -> int:
@@ -107,12 +112,27 @@ class Rendezvous:
             self._refuse(reader, f"cannot check the credential now: {exc.status} {exc.reason}")
             return
         try:
-            if hello.role == "client":
+            self._check_side(hello)
+            if (hello.role == "client") == (hello.purpose == "traffic"):
                 self._park(reader, rest, hello)
             else:
                 await self._pair(reader, rest, hello)
         except StateError as exc:
             self._refuse(reader, str(exc))
+
+    def _check_side(self, hello: Hello) -> None:
+        """The stream's session is on the intercept's side it claims: the client owns it, the
+        agent serves its workload."""
+        if hello.role == "client":
+            if hello.intercept not in {
+                i.id for i in self.state.intercepts_for_client(hello.session)
+            }:
+                raise StateError(f"intercept {hello.intercept!r} is not one of this session's")
+            return
+        if not self.state.is_agent(hello.session):
+            raise StateError("not an agent session")
+        if hello.intercept not in {i.id for i in self.state.intercepts_for_agent(hello.session)}:
+            raise StateError(f"intercept {hello.intercept!r} is not one of this agent's")
 
     def _refuse(self, reader: LineReader, why: str) -> None:
         log.info("tunnel stream refused: %s", why)
@@ -121,10 +141,8 @@ class Rendezvous:
             reader.transport.close()
 
     def _park(self, reader: LineReader, rest: bytes, hello: Hello) -> None:
-        owned = {i.id for i in self.state.intercepts_for_client(hello.session)}
-        if hello.intercept not in owned:
-            raise StateError(f"intercept {hello.intercept!r} is not one of this session's")
-        parked = self.idle.setdefault(hello.intercept, deque())
+        key = (hello.purpose, hello.intercept)
+        parked = self.idle.setdefault(key, deque())
         while parked and (parked[0][0].transport is None or parked[0][0].transport.is_closing()):
             parked.popleft()
         if len(parked) >= MAX_IDLE_PER_INTERCEPT:
@@ -134,39 +152,37 @@ class Rendezvous:
         if self.parked() >= MAX_IDLE:
             raise LimitExceeded(f"idle streams: the manager holds its limit ({MAX_IDLE})")
         parked.append((reader, rest))
-        self.arrived.setdefault(hello.intercept, asyncio.Event()).set()
+        self.arrived.setdefault(key, asyncio.Event()).set()
 
-    def _take(self, intercept: str) -> tuple[LineReader, bytes] | None:
-        streams = self.idle.get(intercept)
+    def _take(self, key: tuple[str, str]) -> tuple[LineReader, bytes] | None:
+        streams = self.idle.get(key)
         while streams:
             reader, rest = streams.popleft()
             if reader.transport is not None and not reader.transport.is_closing():
                 return reader, rest
-        self.arrived.setdefault(intercept, asyncio.Event()).clear()
+        self.arrived.setdefault(key, asyncio.Event()).clear()
         return None
 
     async def _pair(self, reader: LineReader, rest: bytes, hello: Hello) -> None:
-        if not self.state.is_agent(hello.session):
-            raise StateError("not an agent session")
-        mine = {i.id for i in self.state.intercepts_for_agent(hello.session)}
-        if hello.intercept not in mine:
-            raise StateError(f"intercept {hello.intercept!r} is not one of this agent's")
-        taken = self._take(hello.intercept)
+        key = (hello.purpose, hello.intercept)
+        taken = self._take(key)
         if taken is None:
+            other = "agent" if hello.role == "client" else "client"
             try:
                 async with asyncio.timeout(PAIRING_TIMEOUT):
                     while taken is None:
-                        await self.arrived.setdefault(hello.intercept, asyncio.Event()).wait()
-                        taken = self._take(hello.intercept)
+                        await self.arrived.setdefault(key, asyncio.Event()).wait()
+                        taken = self._take(key)
             except TimeoutError:
                 raise StateError(
-                    f"no client stream for {hello.intercept!r} within {PAIRING_TIMEOUT:.0f} s"
+                    f"no {other} stream for {hello.intercept!r} ({hello.purpose}) within "
+                    f"{PAIRING_TIMEOUT:.0f} s"
                 ) from None
-        client, client_rest = taken
+        parked, parked_rest = taken
         stream = secrets.token_urlsafe(12)
-        for side in (reader, client):
+        for side in (reader, parked):
             assert side.transport is not None
             side.transport.write(msgspec.json.encode(Welcome(ok=True, stream=stream)) + b"\n")
         self.paired += 1
         self.stats.connections_total += 1
-        join(reader, rest, client, client_rest, self.stats)
+        join(reader, rest, parked, parked_rest, self.stats)

@@ -1,0 +1,177 @@
+"""The app's files for the developer: each intercepted container's export directory (2.6's
+`/tel_app_exports/<container>`) and an SSH server per container that serves it over SFTP,
+confined to it.
+
+The export directory holds a link to every entry of the container's mount point (where the
+injector mounted the app's volumes in the agent container) and one per directory under
+`/var/run/secrets/` that the app does not mount itself (its service-account token), as 2.6
+does; the agent's own credential for the manager is never exported. The SSH servers listen on
+loopback only: the only way in is a mount stream of the tunnel, which the manager pairs only for
+the client that owns the intercept, so SSH itself asks for no password. Unlike 2.6's SFTP server
+(the whole filesystem), a session sees only the export directory: every path it names is
+resolved (links included) and refused unless it lands in the export directory or in one of the
+mounts it links to. asyncssh (the `mounts` extra) is imported only when a server starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tpproxy.config import Container
+from tpproxy.wire import MANAGER_TOKEN_FILE
+
+log = logging.getLogger("tpproxy.mounts")
+
+EXPORTS_DIR = "/tel_app_exports"
+APP_MOUNTS_ROOT = "/tel_app_mounts"
+SECRETS_DIR = "/var/run/secrets"
+# The agent's projected token for the manager: an agent's credential, never the developer's.
+PRIVATE_SECRETS = frozenset({MANAGER_TOKEN_FILE.removeprefix(SECRETS_DIR + "/").split("/")[0]})
+
+
+class MountsUnavailable(RuntimeError):
+    """The agent cannot serve mounts (asyncssh missing); the message says what to install."""
+
+
+def mount_point(container: Container) -> str:
+    """Where the injector mounted the container's volumes in the agent container."""
+    return container.mount_point or f"{APP_MOUNTS_ROOT}/{container.name}"
+
+
+def export_container(
+    container: Container, exports: str = EXPORTS_DIR, secrets: str = SECRETS_DIR
+) -> tuple[Path, tuple[str, ...]]:
+    """Make `exports/<container>` afresh (a restarted container finds it again) and return it
+    with the container's mounts, the exported secrets directories appended (what
+    TELEPRESENCE_MOUNTS lists)."""
+    root = Path(exports) / container.name
+    if root.is_symlink() or root.is_file():
+        root.unlink()
+    elif root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    source = Path(mount_point(container))
+    if source.is_dir():
+        for entry in sorted(source.iterdir()):
+            (root / entry.name).symlink_to(entry)
+    mounts = list(container.mounts or ())
+    secrets_dir = Path(secrets)
+    if secrets_dir.is_dir():
+        for entry in sorted(secrets_dir.iterdir()):
+            path = f"{SECRETS_DIR}/{entry.name}"
+            if entry.name in PRIVATE_SECRETS or not entry.is_dir() or path in mounts:
+                continue
+            link = root / path.lstrip("/")
+            if link.exists() or link.is_symlink():
+                continue  # the app's own mount of it is exported already
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(entry)
+            mounts.append(path)
+    return root, tuple(mounts)
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """What one export directory lets a session reach (sans-IO but for `os.path.realpath`)."""
+
+    root: str  # the export directory, resolved
+    allowed: tuple[str, ...]  # the root and the resolved targets of its links
+
+    @classmethod
+    def of(cls, root: Path) -> Confinement:
+        real = os.path.realpath(root)
+        targets = [os.path.realpath(p) for p in _links(Path(real))]
+        return cls(real, (real, *sorted(set(targets))))
+
+    def local(self, virtual: bytes) -> bytes:
+        """The local path of a session's path, or PermissionError when it would reach outside
+        (a `..`, an absolute path and a link are all resolved first)."""
+        text = virtual.decode("utf-8", "surrogateescape")
+        normal = posixpath.normpath(posixpath.join("/", text))
+        local = posixpath.join(self.root, normal.lstrip("/"))
+        resolved = os.path.realpath(local)
+        if not any(resolved == a or resolved.startswith(a + "/") for a in self.allowed):
+            raise PermissionError(f"{normal}: outside the exported files")
+        return local.encode("utf-8", "surrogateescape")
+
+    def virtual(self, local: bytes) -> bytes:
+        """The session's name for a local path (realpath and readlink answers)."""
+        text = local.decode("utf-8", "surrogateescape")
+        if text == self.root:
+            return b"/"
+        if text.startswith(self.root + "/"):
+            return text[len(self.root) :].encode("utf-8", "surrogateescape")
+        for link in _links(Path(self.root)):
+            target = os.path.realpath(link)
+            if text == target or text.startswith(target + "/"):
+                inside = "/" + str(link.relative_to(self.root)) + text[len(target) :]
+                return inside.encode("utf-8", "surrogateescape")
+        raise PermissionError("outside the exported files")
+
+
+def _links(root: Path) -> Iterable[Path]:
+    """The export directory's links: its top-level entries and the secrets under var/run."""
+    for base in (root, root / SECRETS_DIR.lstrip("/")):
+        if base.is_dir() and not (base != root and base.is_symlink()):
+            for entry in base.iterdir():
+                if entry.is_symlink():
+                    yield entry
+
+
+async def start_server(root: Path, host: str = "127.0.0.1") -> tuple[Any, int]:
+    """An SSH server on `host` (any free port) whose only service is SFTP over `root`,
+    confined to it; returns the server (`close()` it) and its port."""
+    try:
+        import asyncssh
+    except ImportError:
+        raise MountsUnavailable(
+            "mounts need asyncssh: pip install 'tpproxy[mounts]' (the product image has it)"
+        ) from None
+    confinement = Confinement.of(root)
+
+    class NoLogin(asyncssh.SSHServer):
+        """No SSH authentication: the tunnel has authenticated the developer already."""
+
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+    class ConfinedSFTP(asyncssh.SFTPServer):
+        """asyncssh's SFTP server on local files, every path checked by `confinement`."""
+
+        def map_path(self, path: bytes) -> bytes:
+            try:
+                return confinement.local(path)
+            except PermissionError as exc:
+                raise asyncssh.SFTPPermissionDenied(str(exc)) from None
+
+        def reverse_map_path(self, path: bytes) -> bytes:
+            try:
+                return confinement.virtual(path)
+            except PermissionError as exc:
+                raise asyncssh.SFTPNoSuchFile(str(exc)) from None
+
+        def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+            raise asyncssh.SFTPOpUnsupported("links are not made in the exported files")
+
+        def link(self, oldpath: bytes, newpath: bytes) -> None:
+            raise asyncssh.SFTPOpUnsupported("links are not made in the exported files")
+
+    server = await asyncssh.create_server(
+        NoLogin,
+        host,
+        0,
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        sftp_factory=ConfinedSFTP,
+        allow_scp=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+    )
+    port: int = server.sockets[0].getsockname()[1]
+    return server, port
