@@ -26,6 +26,7 @@ from aiohttp.http_exceptions import LineTooLong
 
 from tpproxy import __version__
 from tpproxy.config import ConfigError, Sidecar
+from tpproxy.mounts import EXPORTS_DIR, AgentMounts
 from tpproxy.routing import PortRoutes
 from tpproxy.server import Proxy, load
 from tpproxy.specs import InterceptSpec, build_routes
@@ -138,6 +139,7 @@ class Agent:
         self.intercepts: list[Intercept] = []  # the manager's last word, re-applied on reload
         self.reloads = 0
         self.reload_errors = 0
+        self.mounts = AgentMounts(sidecar.containers)
 
     def token(self) -> str:
         """The pod's projected token for the manager, read afresh (the kubelet rotates it)."""
@@ -260,6 +262,7 @@ class Agent:
             return
         await self.proxy.engine.apply(table)
         self.applied = [s.id for s in specs]
+        self._serve_mounts(intercepts if tunnel else [], sid or "")
         if http is None or sid is None:
             return
         for icept in intercepts:
@@ -269,6 +272,10 @@ class Agent:
                     (h.describe() for h in routes.http_intercepts if h.id == icept.id),
                     "all TCP connections",
                 )
+                export = self.mounts.exports.get(icept.spec.agent_port) if tunnel else None
+                environment = self.info.environment
+                if export is not None:
+                    environment = {**environment, **export.environment()}
                 await self._review(
                     http,
                     sid,
@@ -277,10 +284,21 @@ class Agent:
                         disposition="ACTIVE",
                         message="serving",
                         pod_ip=self.info.pod_ip,
-                        environment=self.info.environment,
+                        environment=environment,
                         mechanism_desc=desc,
+                        mount_point=str(export.root) if export is not None else "",
                     ),
                 )
+
+    def _serve_mounts(self, intercepts: list[Intercept], sid: str) -> None:
+        """Mount streams parked for each routed intercept whose container is exported."""
+        host = urlsplit(self.manager_url).hostname or "127.0.0.1"
+        self.mounts.serve(
+            {i.id: i.spec.agent_port for i in intercepts if i.id in self.applied},
+            (host, self.tunnel_port),
+            lambda iid: Hello(role="agent", session=sid, intercept=iid, purpose="mount"),
+            self.token,
+        )
 
     async def watch_config(self, path: str, every: float = 2.0) -> None:
         """Reload when the mounted config changes (kubelet swaps ConfigMap volumes atomically):
@@ -355,6 +373,7 @@ async def run_agent(
         environ,
         environ.get("TPPROXY_MANAGER_TOKEN_FILE", MANAGER_TOKEN_FILE),
     )
+    await agent.mounts.start(environ.get("TPPROXY_EXPORTS_DIR", EXPORTS_DIR))
     tasks = [
         asyncio.create_task(agent.run()),
         asyncio.create_task(agent.watch_config(settings.config)),
@@ -369,3 +388,4 @@ async def run_agent(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await agent.mounts.close()

@@ -15,16 +15,18 @@ mounts it links to. asyncssh (the `mounts` extra) is imported only when a server
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import posixpath
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tpproxy.config import Container
+from tpproxy.tunnel import Hello, StreamPool
 from tpproxy.wire import MANAGER_TOKEN_FILE
 
 log = logging.getLogger("tpproxy.mounts")
@@ -175,3 +177,77 @@ async def start_server(root: Path, host: str = "127.0.0.1") -> tuple[Any, int]:
     )
     port: int = server.sockets[0].getsockname()[1]
     return server, port
+
+
+@dataclass
+class Export:
+    """One container's export directory, its mounts and the SSH server that serves it."""
+
+    container: str
+    root: Path
+    mounts: tuple[str, ...]
+    server: Any
+    port: int
+
+    def environment(self) -> dict[str, str]:
+        """What 2.6 adds to an intercept's environment for its container (§5.9)."""
+        env = {"TELEPRESENCE_CONTAINER": self.container}
+        if self.mounts:
+            env["TELEPRESENCE_MOUNTS"] = ":".join(self.mounts)
+        return env
+
+
+class AgentMounts:
+    """The agent's exports, and the mount streams it keeps parked at the manager: a few per
+    ACTIVE intercept whose container is exported, each joined to that container's SSH server
+    when the owner's client opens its end."""
+
+    def __init__(self, sidecar_containers: Iterable[Container]) -> None:
+        self.containers = list(sidecar_containers)
+        self.exports: dict[int, Export] = {}  # by agent port
+        self.pools: dict[str, StreamPool] = {}  # by intercept id
+
+    async def start(self, exports: str = EXPORTS_DIR, secrets: str = SECRETS_DIR) -> None:
+        """Export every container and serve it; nothing (and one log line) when the pod has no
+        export volume, or asyncssh is missing."""
+        if not os.path.isdir(exports):  # noqa: ASYNC240 (one stat, at start-up)
+            log.info("no %s: the developer's mounts are not served", exports)
+            return
+        for container in self.containers:
+            try:
+                root, mounts = export_container(container, exports, secrets)
+                server, port = await start_server(root)
+            except MountsUnavailable as exc:
+                log.warning("%s", exc)
+                return
+            except OSError as exc:
+                log.warning("container %s: its files are not exported: %s", container.name, exc)
+                continue
+            export = Export(container.name, root, mounts, server, port)
+            for icept in container.intercepts:
+                self.exports[icept.agent_port] = export
+            log.info("container %s: files exported at %s (%s)", container.name, root,
+                     ", ".join(mounts) or "no mounts")  # fmt: skip
+
+    def serve(
+        self, wanted: dict[str, int], manager: tuple[str, int], hello: Callable[[str], Hello],
+        token: Callable[[], str],
+    ) -> None:  # fmt: skip
+        """Keep mount streams parked for exactly the intercepts in `wanted` (id -> agent port)."""
+        for intercept_id in [i for i in self.pools if i not in wanted]:
+            pool = self.pools.pop(intercept_id)
+            asyncio.get_running_loop().create_task(pool.close())
+        for intercept_id, agent_port in wanted.items():
+            export = self.exports.get(agent_port)
+            if export is None or intercept_id in self.pools:
+                continue
+            pool = StreamPool(manager, hello(intercept_id), ("127.0.0.1", export.port), 2, token)
+            pool.start()
+            self.pools[intercept_id] = pool
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
+        self.pools.clear()
+        for export in {id(e): e for e in self.exports.values()}.values():
+            export.server.close()

@@ -119,6 +119,7 @@ class Intercept(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     pod_ip: str = ""
     environment: dict[str, str] = {}
     mechanism_desc: str = ""
+    mount_point: str = ""  # the agent's export directory for the developer's mount; "" = none
     created_at: float
 
 
@@ -130,6 +131,7 @@ class Review(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     pod_ip: Name = ""
     environment: Environment = {}
     mechanism_desc: Text = ""
+    mount_point: Text = ""  # an export directory the agent serves to the owner's mount streams
 
 
 # -- the manager's API for clients (the agent's part is above) ----------------------------

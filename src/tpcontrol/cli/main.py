@@ -205,6 +205,14 @@ def _parser() -> argparse.ArgumentParser:
         "PYTHON*, proxies...: withheld by default); repeatable",
     )
     icept.add_argument("--wait", type=float, default=120, help="seconds to wait for ACTIVE")
+    icept.add_argument(
+        "--mount",
+        default="",
+        metavar="DIR",
+        help="mount the container's files (its volumes, its service-account token) at DIR with "
+        "sshfs, named by TELEPRESENCE_ROOT (default: a fresh temporary directory; "
+        "--mount=false: no mount)",
+    )
     _manager_options(icept)
     icept.epilog = (
         "After `--`, a COMMAND to run with the container's environment; the "

@@ -31,6 +31,7 @@ from tpcontrol.client.credentials import (
     plain_http_refusal,
 )
 from tpcontrol.client.localenv import EnvFileError, local_environment, write_env_file
+from tpcontrol.client.mount import MountUnavailable, SshfsMount
 from tpcontrol.client.portforward import ForwardError, ManagerForward
 from tpcontrol.client.tunnel import TunnelClient
 from tpcontrol.lifecycle import until_signalled
@@ -39,6 +40,7 @@ from tpproxy.agent import watch_line as _watch_line
 from tpproxy.http.h2_streams import HTTP2_APP_PROTOCOLS
 from tpproxy.routing import HeaderRule, RuleError, ValueRule, check_rule_counts
 from tpproxy.specs import HeaderMatch, Op, PathMatch
+from tpproxy.tunnel import Hello
 from tpproxy.wire import (
     ClientInfo,
     ErrorBody,
@@ -277,6 +279,7 @@ async def _intercept(
         path=path,
     )
     live = LiveIntercept(client, spec, args.to, args.tunnel_port, forward)
+    mount: SshfsMount | None = None
     await live.create()
     pidfile = _pidfile(spec.name)
     await asyncio.to_thread(_write_pid, pidfile)
@@ -287,6 +290,9 @@ async def _intercept(
         if local.notice():
             print(f"tpcontrol: {local.notice()}", file=sys.stderr, flush=True)
         env = {**local.given, "TELEPRESENCE_INTERCEPT_ID": live.id}
+        mount = await _mount(client, live, intercept, args.mount)
+        if mount is not None and mount.path is not None:
+            env["TELEPRESENCE_ROOT"] = str(mount.path)
         if args.env_file:
             try:
                 await asyncio.to_thread(write_env_file, Path(args.env_file), env)
@@ -300,8 +306,39 @@ async def _intercept(
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
+        if mount is not None:
+            await mount.stop()
         await live.leave()
         pidfile.unlink(missing_ok=True)
+
+
+async def _mount(
+    client: InterceptSession, live: LiveIntercept, intercept: Intercept, where: str
+) -> SshfsMount | None:
+    """The container's files at `where` (a fresh directory when empty), unless `--mount=false`
+    or the agent exports none; a mount that cannot be made is one line, and the intercept goes
+    on without it."""
+    if where.lower() == "false":
+        return None
+    if not intercept.mount_point:
+        print("  the agent exports no files for this container: no mount", flush=True)
+        return None
+
+    def hello() -> Hello:
+        return Hello(
+            role="client", session=client.session, intercept=live.id,
+            token=client.credential.current(), purpose="mount",
+        )  # fmt: skip
+
+    mount = SshfsMount(live.tunnel_address, hello, where)
+    try:
+        path = await mount.start()
+    except MountUnavailable as exc:
+        print(f"tpcontrol: mounts: {exc}; the intercept goes on without them", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return None
+    print(f"  the container's files are mounted at {path} (TELEPRESENCE_ROOT)", flush=True)
+    return mount
 
 
 def _pidfile(name: str) -> Path:
@@ -360,6 +397,7 @@ class LiveIntercept:
         self.local_port = local_port
         self.id = ""
         self.tunnel: TunnelClient | None = None
+        self.tunnel_address = ("127.0.0.1", 0)
 
     async def create(self) -> None:
         client = self.client
@@ -368,6 +406,7 @@ class LiveIntercept:
         info = await client.call("GET", "/v1/info", None, ManagerInfo)
         host = urlsplit(client.manager).hostname or "127.0.0.1"
         port = self.tunnel_port or info.tunnel_port
+        self.tunnel_address = (host, port)
         self.tunnel = TunnelClient(
             host,
             port,

@@ -428,7 +428,14 @@ class ManagerState:
 
     def _to_waiting(self, entry: _Entry, message: str) -> None:
         now = self.clock()
-        self._set(entry, disposition="WAITING", message=message, pod_ip="", mechanism_desc="")
+        self._set(
+            entry,
+            disposition="WAITING",
+            message=message,
+            pod_ip="",
+            mechanism_desc="",
+            mount_point="",
+        )
         entry.reviewer = ""
         entry.waiting_since = now
 
@@ -618,6 +625,7 @@ class ManagerState:
                     f'mechanism "{mechanism}"',
                     pod_ip="",
                     mechanism_desc="",
+                    mount_point="",
                 )
                 entry.reviewer = ""
             elif state in ("NO_AGENT", "NO_MECHANISM"):
@@ -818,6 +826,7 @@ class ManagerState:
             pod_ip=agent.pod_ip or review.pod_ip,  # a verified agent's is its pod's own
             environment=dict(review.environment or agent.environment),
             mechanism_desc=review.mechanism_desc,
+            mount_point=review.mount_point if review.disposition == "ACTIVE" else "",
         )
         self._commit()
         return True
