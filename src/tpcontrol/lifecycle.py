@@ -39,13 +39,19 @@ def cancel_on_sigterm(task: asyncio.Task[object] | None = None) -> Callable[[], 
     return lambda: loop.remove_signal_handler(signal.SIGTERM)
 
 
-async def until_signalled() -> None:
-    """Return on the first SIGTERM or SIGINT (the caller then shuts down in order)."""
+def signalled() -> asyncio.Event:
+    """An event that the first SIGTERM or SIGINT sets, from now on (instead of Ctrl-C raising
+    KeyboardInterrupt wherever the program happens to be)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def until_signalled() -> None:
+    """Return on the first SIGTERM or SIGINT (the caller then shuts down in order)."""
+    await signalled().wait()
 
 
 async def wait_or_kill(proc: asyncio.subprocess.Process, within: float) -> None:

@@ -34,7 +34,7 @@ from tpcontrol.client.localenv import EnvFileError, local_environment, write_env
 from tpcontrol.client.mount import MountUnavailable, SshfsMount
 from tpcontrol.client.portforward import ForwardError, ManagerForward
 from tpcontrol.client.tunnel import TunnelClient
-from tpcontrol.lifecycle import until_signalled
+from tpcontrol.lifecycle import signalled, wait_or_kill
 from tpproxy.agent import SessionLost
 from tpproxy.agent import watch_line as _watch_line
 from tpproxy.http.h2_streams import HTTP2_APP_PROTOCOLS
@@ -290,7 +290,11 @@ async def _intercept(
         if local.notice():
             print(f"tpcontrol: {local.notice()}", file=sys.stderr, flush=True)
         env = {**local.given, "TELEPRESENCE_INTERCEPT_ID": live.id}
-        mount = await _mount(client, live, intercept, args.mount)
+        stop = signalled()  # from here on Ctrl-C and SIGTERM mean: leave, in order
+        mounting = asyncio.create_task(_mount(client, live, intercept, args.mount))
+        if not await _first(mounting, stop):
+            return 0  # left while mounting: an ordinary leave
+        mount = mounting.result()
         if mount is not None and mount.path is not None:
             env["TELEPRESENCE_ROOT"] = str(mount.path)
         if args.env_file:
@@ -299,8 +303,8 @@ async def _intercept(
             except EnvFileError as exc:
                 raise UsageError(f"--env-file {exc}") from None
         if args.run:
-            return await _run_command(args.run, env)
-        await until_signalled()
+            return await _run_command(args.run, env, stop)
+        await stop.wait()
         return 0
     finally:
         heartbeat.cancel()
@@ -505,6 +509,30 @@ async def _until_active(client: InterceptSession, icept: str, wait: float) -> In
     raise UsageError("the manager ended the watch")
 
 
-async def _run_command(command: Sequence[str], env: dict[str, str]) -> int:
+async def _first(task: asyncio.Task[T], stop: asyncio.Event) -> bool:
+    """Wait for `task` unless `stop` comes first: then cancel it (it cleans up after itself)
+    and return False."""
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
+async def _run_command(command: Sequence[str], env: dict[str, str], stop: asyncio.Event) -> int:
+    """The command's exit code; a signal to this process is passed on to it (as SIGINT), and
+    it gets 10 s to end before it is killed."""
     proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, **env})
-    return await proc.wait()
+    waiting = asyncio.create_task(proc.wait())
+    if await _first(waiting, stop):
+        return waiting.result()
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    await wait_or_kill(proc, within=10)
+    return 130

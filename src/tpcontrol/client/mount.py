@@ -115,7 +115,15 @@ class SshfsMount:
         self.stats = TrafficStats(0, "mount", "tunnel")
 
     async def start(self) -> Path:
-        """Mount, and return the directory; MountUnavailable says why not."""
+        """Mount, and return the directory; MountUnavailable says why not. Cancelled, it
+        leaves nothing behind."""
+        try:
+            return await self._start()
+        except asyncio.CancelledError:
+            await asyncio.shield(self.stop())
+            raise
+
+    async def _start(self) -> Path:
         path = await asyncio.to_thread(self._prepare)
         target = ConnectorTarget(
             "mount", tunnel_connector(self.manager[0], self.manager[1], self.hello)
