@@ -291,13 +291,50 @@ def test_a_stolen_session_id_is_worth_nothing(control_plane: LocalControlPlane) 
                 assert welcome is not None
                 assert not welcome.ok
                 assert "refused" in welcome.error, welcome
-            assert not rig.manager.tunnel.idle.get(icept["id"])
+            assert not rig.manager.tunnel.idle.get(("traffic", icept["id"]))
             own = Hello(role="client", session=sid, intercept=icept["id"], token=rig.alice)
             assert await tunnel_hello(port, own, within=1) is None  # parked: hers to use
             # Her session and intercept are intact.
             status, listed = await rig.call("GET", f"/v1/sessions/{sid}/intercepts", rig.alice)
             assert status == 200
             assert [i["id"] for i in listed] == [icept["id"]]
+
+    run(scenario(), timeout=120)
+
+
+def test_mount_streams_are_the_owners_alone(control_plane: LocalControlPlane) -> None:
+    """The developer's mount is reached only by a mount stream of the client that owns the
+    intercept: no token, another user's token, a stolen session and a fake agent are refused,
+    and a client cannot park where the agent parks (it would receive another client's mount)."""
+
+    async def scenario() -> None:
+        async with auth_rig(control_plane) as rig:
+            sid, icept = await rig.alice_intercepts()
+            port = rig.manager.tunnel_port
+            for token in ("", rig.bob, rig.admin):
+                for role in ("client", "agent"):
+                    hello = Hello(role=role, session=sid, intercept=icept["id"], token=token,
+                                  purpose="mount")  # fmt: skip
+                    welcome = await tunnel_hello(port, hello)
+                    assert welcome is not None, (role, token[:8])
+                    assert not welcome.ok
+                    assert "refused" in welcome.error, welcome
+            # Her own mount stream is checked too: it waits for the agent's parked stream (none
+            # here: no agent serves this workload), and parks nothing of its own.
+            own = Hello(role="client", session=sid, intercept=icept["id"], token=rig.alice,
+                        purpose="mount")  # fmt: skip
+            welcome = await tunnel_hello(port, own, within=8)
+            assert welcome is not None
+            assert not welcome.ok
+            assert "no agent stream" in welcome.error, welcome
+            assert not rig.manager.tunnel.idle.get(("mount", icept["id"]))
+            # A guessed intercept id of hers, with her token but another purpose's side.
+            guessed = Hello(role="client", session=sid, intercept=icept["id"] + "x", token=rig.alice,
+                            purpose="mount")  # fmt: skip
+            welcome = await tunnel_hello(port, guessed)
+            assert welcome is not None
+            assert not welcome.ok
+            assert "not one of this session's" in welcome.error
 
     run(scenario(), timeout=120)
 

@@ -169,6 +169,39 @@ def test_developer_reads_the_containers_files_through_the_mount(
             code, out, err = await developer("dave")
             assert code == 0, err[-3000:]
             assert fuse_mounts() == []
+
+            # The pod is deleted under a mounted client: the mount ends with it, nothing stays;
+            # then Ctrl-C leaves as usual.
+            erin = await cluster.tpcontrol(
+                "intercept", "echo", "-n", ns, "--port", "http", "--to", str(dev.port),
+                "--http-header", "x-dev=erin", "--name", "echo-erin", "--wait", "120",
+            )  # fmt: skip
+            assert erin.stdout is not None
+            said = ""
+            try:
+                async with asyncio.timeout(180):
+                    while "mounted at" not in said:
+                        line = await erin.stdout.readline()
+                        assert line, said
+                        said += line.decode()
+                assert len(fuse_mounts()) == 1
+                (pod,) = [p for p in await wait_for_pods(api, ns, "app=echo", 1) if has_agent(p)]
+                await core.delete_namespaced_pod(pod["metadata"]["name"], ns)
+                async with asyncio.timeout(120):
+                    while "ended" not in said:
+                        line = await erin.stdout.readline()
+                        assert line, said
+                        said += line.decode()
+                assert fuse_mounts() == []
+                assert await sshfs_processes() == []
+                erin.send_signal(signal.SIGINT)
+                async with asyncio.timeout(30):
+                    rest, _ = await erin.communicate()
+                assert erin.returncode == 0, said + rest.decode()
+            finally:
+                if erin.returncode is None:
+                    erin.kill()
+                    await erin.wait()
         dev.close()
 
     run(scenario(), timeout=800)

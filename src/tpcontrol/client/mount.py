@@ -113,6 +113,8 @@ class SshfsMount:
         self.server: asyncio.Server | None = None
         self.record: Path | None = None
         self.stats = TrafficStats(0, "mount", "tunnel")
+        self.watcher: asyncio.Task[None] | None = None
+        self.stopping = False
 
     async def start(self) -> Path:
         """Mount, and return the directory; MountUnavailable says why not. Cancelled, it
@@ -167,7 +169,18 @@ class SshfsMount:
                 said.decode(errors="replace").strip()[-300:] or f"not mounted in {MOUNT_WAIT:.0f} s"
             )
             raise MountUnavailable(f"sshfs could not mount the container's files: {reason}")
+        self.watcher = asyncio.create_task(self._watch(self.proc, path))
         return path
+
+    async def _watch(self, proc: asyncio.subprocess.Process, path: Path) -> None:
+        """sshfs ends by itself when its stream breaks (the pod was deleted, the agent
+        restarted): its dead mount is removed at once rather than left for the next run."""
+        said = await proc.stderr.read() if proc.stderr is not None else b""
+        await proc.wait()
+        if not self.stopping:
+            await asyncio.to_thread(unmount, path)
+            reason = said.decode(errors="replace").strip()[-200:] or f"exit {proc.returncode}"
+            print(f"tpcontrol: the mount at {path} ended ({reason}); unmounted", flush=True)
 
     def _prepare(self) -> Path:
         """What start needs before sshfs: sshfs and FUSE present, stale mounts gone, the
@@ -199,13 +212,18 @@ class SshfsMount:
 
     async def stop(self) -> None:
         """Unmount, end sshfs, remove the directory this made; safe to call twice."""
+        self.stopping = True
         if self.path is not None:
             await asyncio.to_thread(unmount, self.path)
-        if self.proc is not None and self.proc.returncode is None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-            await wait_or_kill(self.proc, within=5)
-        self.proc = None
+                proc.terminate()
+            await wait_or_kill(proc, within=5)
+        if self.watcher is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
+            self.watcher = None
         if self.server is not None:
             self.server.close()
             self.server = None
