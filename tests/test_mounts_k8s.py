@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any, cast
 import pytest
 from kubernetes_asyncio import client as k8s
 
-from .cluster_helpers import ClusterUnderTest, has_agent, scratch_namespace, settled
-from .helpers import run
+from .cluster_helpers import ClusterUnderTest, answers, has_agent, scratch_namespace, settled
+from .helpers import free_port, run
 from .http_servers import Upstream
 from .k8s_helpers import deployment, service, wait_for_pods
 from .test_e2e_k8s import echo_container
@@ -62,6 +63,45 @@ print("private=" + str(os.path.exists(root + "/var/run/secrets/tpproxy")))
 """
 
 
+async def deploy_with_volumes(
+    cluster: ClusterUnderTest, api: k8s.ApiClient, ns: str, greeting_env: str = "hi"
+) -> None:
+    """The echo workload with a ConfigMap, a Secret and an emptyDir (and GREETING in its
+    environment), once its pod is ready."""
+    core = k8s.CoreV1Api(api)
+    await core.create_namespaced_config_map(ns, cast(Any, {
+        "metadata": {"name": "settings"}, "data": {"greeting": "hello from the ConfigMap"},
+    }))  # fmt: skip
+    await core.create_namespaced_secret(ns, cast(Any, {
+        "metadata": {"name": "creds"},
+        "data": {"password": base64.b64encode(b"s3cr3t").decode()},
+    }))  # fmt: skip
+    container = echo_container(
+        cluster, "http_echo", 8080, ports=[{"name": "http", "containerPort": 8080}],
+        readinessProbe={"httpGet": {"path": "/healthz", "port": "http"},
+                        "periodSeconds": 1},
+        volumeMounts=[
+            {"name": "settings", "mountPath": "/etc/config", "readOnly": True},
+            {"name": "creds", "mountPath": "/etc/secret", "readOnly": True},
+            {"name": "data", "mountPath": "/data"},
+        ],
+    )  # fmt: skip
+    container["command"] = ["sh", "-c", APP_START]
+    container.pop("args")
+    container["env"].append({"name": "GREETING", "value": greeting_env})
+    workload = deployment("echo", [container])
+    workload["spec"]["template"]["spec"]["volumes"] = [
+        {"name": "settings", "configMap": {"name": "settings"}},
+        {"name": "creds", "secret": {"secretName": "creds"}},
+        {"name": "data", "emptyDir": {}},
+    ]
+    await k8s.AppsV1Api(api).create_namespaced_deployment(ns, cast(Any, workload))
+    await core.create_namespaced_service(
+        ns, cast(Any, service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]))
+    )
+    await wait_for_pods(api, ns, "app=echo", 1, settled(agent=False), within=120)
+
+
 def fuse_mounts() -> list[str]:
     return [
         line.split(" ")[1]
@@ -85,36 +125,7 @@ def test_developer_reads_the_containers_files_through_the_mount(
         dev = await Upstream("dev").start()
         async with cluster.cluster.api() as api, scratch_namespace(api, "mnt") as ns:
             core = k8s.CoreV1Api(api)
-            await core.create_namespaced_config_map(ns, cast(Any, {
-                "metadata": {"name": "settings"}, "data": {"greeting": "hello from the ConfigMap"},
-            }))  # fmt: skip
-            await core.create_namespaced_secret(ns, cast(Any, {
-                "metadata": {"name": "creds"},
-                "data": {"password": base64.b64encode(b"s3cr3t").decode()},
-            }))  # fmt: skip
-            container = echo_container(
-                cluster, "http_echo", 8080, ports=[{"name": "http", "containerPort": 8080}],
-                readinessProbe={"httpGet": {"path": "/healthz", "port": "http"},
-                                "periodSeconds": 1},
-                volumeMounts=[
-                    {"name": "settings", "mountPath": "/etc/config", "readOnly": True},
-                    {"name": "creds", "mountPath": "/etc/secret", "readOnly": True},
-                    {"name": "data", "mountPath": "/data"},
-                ],
-            )  # fmt: skip
-            container["command"] = ["sh", "-c", APP_START]
-            container.pop("args")
-            workload = deployment("echo", [container])
-            workload["spec"]["template"]["spec"]["volumes"] = [
-                {"name": "settings", "configMap": {"name": "settings"}},
-                {"name": "creds", "secret": {"secretName": "creds"}},
-                {"name": "data", "emptyDir": {}},
-            ]
-            await k8s.AppsV1Api(api).create_namespaced_deployment(ns, cast(Any, workload))
-            await core.create_namespaced_service(
-                ns, cast(Any, service("echo", [{"name": "http", "port": 80, "targetPort": "http"}]))
-            )
-            await wait_for_pods(api, ns, "app=echo", 1, settled(agent=False), within=120)
+            await deploy_with_volumes(cluster, api, ns)
 
             async def developer(header: str) -> tuple[int, str, str]:
                 cli = await cluster.tpcontrol(
@@ -205,3 +216,81 @@ def test_developer_reads_the_containers_files_through_the_mount(
         dev.close()
 
     run(scenario(), timeout=800)
+
+
+# The local version as a container: it answers with what it got from the cluster.
+CONTAINER_APP = r"""
+import http.server, os
+class Answer(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        greeting = open("/etc/config/greeting").read()
+        body = f"container {os.environ.get('GREETING')} {greeting} {open('/etc/secret/password').read()}"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+http.server.HTTPServer(("0.0.0.0", 8080), Answer).serve_forever()
+"""
+
+
+def test_docker_run_gets_the_environment_mounts_and_requests(
+    cluster: ClusterUnderTest, tmp_path: Path
+) -> None:
+    if shutil.which("podman") is None and shutil.which("docker") is None:
+        pytest.skip("neither podman nor docker is installed")
+
+    async def scenario() -> None:
+        conf = tmp_path / "containers.conf"
+        conf.write_text("[containers]\ndefault_ulimits = []\n")  # this machine's rlimits
+        env = {**cluster.env, "CONTAINERS_CONF": str(conf), "TPCONTROL_CONTAINER_ENGINE": "podman"}
+        async with cluster.cluster.api() as api, scratch_namespace(api, "run") as ns:
+            await deploy_with_volumes(cluster, api, ns, greeting_env="from the cluster")
+            local_port = free_port()
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tpcontrol", "intercept", "echo", "-n", ns,
+                "--port", "http", "--to", str(local_port), "--http-header", "x-dev=alice",
+                "--docker-run", "--", cluster.images.examples.ref, "python", "-c", CONTAINER_APP,
+                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert cli.stdout is not None
+            said = name = ""
+            try:
+                async with asyncio.timeout(180):
+                    while "running the local version as container" not in said:
+                        line = await cli.stdout.readline()
+                        assert line, said + (await cli.stderr.read()).decode()  # type: ignore[union-attr]
+                        said += line.decode()
+                name = said.split("as container ")[1].split()[0]
+                svc = await k8s.CoreV1Api(api).read_namespaced_service("echo", ns)
+                body = ""
+                async with asyncio.timeout(90):
+                    while not body.startswith("container"):
+                        try:
+                            body = await answers(
+                                cluster.network, svc.spec.cluster_ip, 80, "/", **{"x-dev": "alice"}
+                            )
+                        except (OSError, AssertionError):
+                            await asyncio.sleep(0.5)
+                assert body == "container from the cluster hello from the ConfigMap s3cr3t"
+                plain = await answers(cluster.network, svc.spec.cluster_ip, 80, "/")
+                assert plain.startswith("served by"), plain  # everyone else: the app
+                cli.send_signal(signal.SIGINT)
+                async with asyncio.timeout(60):
+                    await cli.communicate()
+                ps = await asyncio.create_subprocess_exec(
+                    "podman", "ps", "-a", "--format", "{{.Names}}", env=env,
+                    stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                names, _ = await ps.communicate()
+                assert name not in names.decode().split()  # stopped and removed
+                assert fuse_mounts() == []
+            finally:
+                if cli.returncode is None:
+                    cli.kill()
+                    await cli.wait()
+                if name:  # a failed test leaves no container behind either
+                    rm = await asyncio.create_subprocess_exec("podman", "rm", "-f", name, env=env)
+                    await rm.wait()
+
+    run(scenario(), timeout=400)

@@ -206,6 +206,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     icept.add_argument("--wait", type=float, default=120, help="seconds to wait for ACTIVE")
     icept.add_argument(
+        "--docker-run",
+        action="store_true",
+        help="run the local version as a container (docker or podman): the COMMAND after `--` "
+        "is the image and its arguments; it gets the environment, the mounts at their original "
+        "paths and the intercepted port",
+    )
+    icept.add_argument(
         "--mount",
         default="",
         metavar="DIR",

@@ -24,6 +24,12 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
+from tpcontrol.client.container import (
+    ContainerUnavailable,
+    container_engine,
+    run_argv,
+    run_container,
+)
 from tpcontrol.client.credentials import (
     CredentialError,
     ManagerCredential,
@@ -171,6 +177,13 @@ async def run_intercept(args: argparse.Namespace) -> int:
             ValueRule.make("prefix", args.http_path_prefix, "--http-path-prefix")
     except RuleError as exc:
         return _fail(str(exc).replace("--http-headers:", "--http-header:"))
+    if args.docker_run:  # checked before anything is prepared or rolled out
+        if not args.run:
+            return _fail("--docker-run: give the image (and its arguments) after --")
+        try:
+            container_engine()
+        except ContainerUnavailable as exc:
+            return _fail(str(exc))
     forward: ManagerForward | None = None
     args.tunnel_port = None
     try:
@@ -302,6 +315,15 @@ async def _intercept(
                 await asyncio.to_thread(write_env_file, Path(args.env_file), env)
             except EnvFileError as exc:
                 raise UsageError(f"--env-file {exc}") from None
+        if args.docker_run:
+            mounts = env.get("TELEPRESENCE_MOUNTS", "").split(":")
+            name = f"tpcontrol-{spec.name}-{os.getpid()}"
+            argv = run_argv(
+                container_engine(), name, args.run, env, mount.path if mount else None,
+                [m for m in mounts if m], args.to, prepared.container_port,
+            )  # fmt: skip
+            print(f"  running the local version as container {name}", flush=True)
+            return await run_container(argv, name, env, stop)
         if args.run:
             return await _run_command(args.run, env, stop)
         await stop.wait()

@@ -44,7 +44,10 @@ class MountUnavailable(RuntimeError):
 def mounted(path: Path) -> bool:
     """Whether `path` is a mount point now (read from /proc/mounts, which a dead FUSE mount
     stays in until it is unmounted)."""
-    want = str(path.resolve()) if path.exists() else str(path)
+    try:
+        want = str(path.resolve())
+    except OSError:  # a dead FUSE mount answers ENOTCONN to everything
+        want = str(path)
     try:
         lines = Path("/proc/mounts").read_text().splitlines()
     except OSError:

@@ -1,0 +1,91 @@
+"""`tpcontrol intercept --docker-run -- IMAGE [ARGS]`: the local version runs as a container
+(docker or podman, whichever is installed; `TPCONTROL_CONTAINER_ENGINE` chooses), with the
+intercepted container's environment, its mounted files bind-mounted at their original paths,
+and the intercept's local port published to the container's port. The container is stopped
+and removed when the intercept ends.
+
+The environment goes to the engine as `-e NAME` with the values in the engine's own
+environment, never on its command line (where `ps` would show the container's secrets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from tpcontrol.lifecycle import wait_or_kill
+
+ENGINES = ("docker", "podman")
+
+
+class ContainerUnavailable(RuntimeError):
+    """No container engine to run `--docker-run` with; the message says what to install."""
+
+
+def container_engine() -> str:
+    """The engine's executable: TPCONTROL_CONTAINER_ENGINE, else docker, else podman."""
+    wanted = os.environ.get("TPCONTROL_CONTAINER_ENGINE", "")
+    for name in (wanted,) if wanted else ENGINES:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise ContainerUnavailable(
+        f"--docker-run: {wanted or 'neither docker nor podman'} is not installed "
+        "(Debian: apt-get install podman)"
+    )
+
+
+def run_argv(
+    engine: str,
+    name: str,
+    image_and_args: Sequence[str],
+    env: dict[str, str],
+    root: Path | None,
+    mounts: Sequence[str],
+    local_port: int,
+    container_port: int,
+) -> list[str]:
+    """The engine's command line (sans-IO: tested on its own)."""
+    argv = [engine, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{local_port}:{container_port}"]
+    for key in sorted(env):
+        argv += ["-e", key]
+    if root is not None:
+        for path in mounts:
+            if path.startswith("/") and ":" not in path:
+                argv += ["-v", f"{root}{path}:{path}"]
+    return [*argv, *image_and_args]
+
+
+async def run_container(
+    argv: list[str], name: str, env: dict[str, str], stop: asyncio.Event
+) -> int:
+    """Run the container until it exits (its exit code) or `stop` is set (then it is stopped,
+    130); either way it is removed."""
+    engine = argv[0]
+    proc = await asyncio.create_subprocess_exec(*argv, env={**os.environ, **env})
+    waiting = asyncio.create_task(proc.wait())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    try:
+        if waiting.done():
+            return waiting.result()
+        await asyncio.to_thread(
+            subprocess.run, [engine, "stop", "-t", "5", name], capture_output=True, timeout=30,
+            check=False,
+        )  # fmt: skip
+        await wait_or_kill(proc, within=15)
+        return 130
+    finally:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            await asyncio.to_thread(
+                subprocess.run, [engine, "rm", "-f", name], capture_output=True, timeout=30,
+                check=False,
+            )  # fmt: skip
