@@ -473,9 +473,10 @@ async def _admin_at(args: argparse.Namespace, base: str, credential: ManagerCred
                     return _explain(args, listed)
                 for i in listed:
                     where = f"{i.spec.workload}.{i.spec.namespace}"
+                    files = "files" if i.mount_point else "-"  # the agent serves its mount
                     print(printable(
                         f"{i.id:<40} {where:<24} {i.spec.mechanism:<5} {i.disposition:<12} "
-                        f"{i.client}"
+                        f"{files:<5} {i.client}"
                     ))  # fmt: skip
                 return 0
             if not args.workload and not args.all:

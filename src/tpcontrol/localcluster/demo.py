@@ -165,6 +165,17 @@ class Walkthrough:
                     return
         raise RuntimeError(f"tpcontrol intercept {name} ended: exit {await proc.wait()}")
 
+    async def mounted_at(self, name: str, within: float = 30) -> Path:
+        """Where `name`'s intercept mounted the container's files (from what it says)."""
+        async with asyncio.timeout(within):
+            while True:
+                for line in self.outputs.get(name, []):
+                    if "files are mounted at " in line:
+                        return Path(line.split("mounted at ", 1)[1].split(" (")[0])
+                    if "tpcontrol: mounts:" in line:
+                        raise RuntimeError(line)
+                await asyncio.sleep(0.1)
+
     async def leave(self, step: Step, name: str) -> None:
         proc = self.clients[name]
         proc.send_signal(signal.SIGINT)
@@ -426,6 +437,13 @@ class Walkthrough:
             answer = await self.tcp(7070)
             step.check("carol's laptop" in answer, f"TCP shop:7070 -> {answer}")
             await self.expect_http(step, 80, ["bob", None], ["bob's laptop", "/web on"])
+            root = await self.mounted_at("carol")
+            greeting = await asyncio.to_thread(_read, root / "etc/shop/greeting")
+            step.check(
+                greeting == "hello from the shop",
+                f"carol's laptop reads $TELEPRESENCE_ROOT/etc/shop/greeting (the stock "
+                f"container's ConfigMap, mounted at {root}): {greeting!r}",
+            )
 
         async def leave(step: Step) -> None:
             for name in ("alice", "bob", "carol"):
@@ -570,6 +588,13 @@ async def run_cluster_demo(source: Path, requests: int = 3, name: str = "tpcontr
                 print(f"tpcontrol demo: tearing down: {exc}", file=sys.stderr, flush=True)
         uncatch()
     return _summary(walk, time.monotonic() - started)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        return f"unreadable: {exc}"
 
 
 async def _collect(proc: asyncio.subprocess.Process, lines: list[str]) -> None:
