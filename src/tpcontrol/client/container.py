@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from tpcontrol.client.handover import unless_stopped
 from tpcontrol.lifecycle import wait_or_kill
 
 ENGINES = ("docker", "podman")
@@ -69,13 +70,8 @@ async def run_container(
     engine = argv[0]
     proc = await asyncio.create_subprocess_exec(*argv, env={**os.environ, **env})
     waiting = asyncio.create_task(proc.wait())
-    stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-    try:
-        if waiting.done():
+        if await unless_stopped(waiting, stop):
             return waiting.result()
         await asyncio.to_thread(
             subprocess.run, [engine, "stop", "-t", "5", name], capture_output=True, timeout=30,

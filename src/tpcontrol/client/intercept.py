@@ -1,7 +1,9 @@
 """`tpcontrol intercept`: prepare and create an intercept, deliver its traffic to a local port
 through the manager's tunnel, hand the container's environment to a command, and leave on exit.
 
-A little long: the whole `intercept` command, from prepare to leave.
+Long on purpose: the whole `intercept` command, from prepare to leave, and the intercept it
+keeps alive across manager restarts (`LiveIntercept`); its local end (the mount, the command,
+the container) is `tpcontrol.client.handover`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -36,11 +38,12 @@ from tpcontrol.client.credentials import (
     load_user,
     plain_http_refusal,
 )
+from tpcontrol.client.handover import mount_files, run_command, unless_stopped
 from tpcontrol.client.localenv import EnvFileError, local_environment, write_env_file
-from tpcontrol.client.mount import MountUnavailable, SshfsMount
+from tpcontrol.client.mount import SshfsMount
 from tpcontrol.client.portforward import ForwardError, ManagerForward
 from tpcontrol.client.tunnel import TunnelClient
-from tpcontrol.lifecycle import signalled, wait_or_kill
+from tpcontrol.lifecycle import signalled
 from tpproxy.agent import SessionLost
 from tpproxy.agent import watch_line as _watch_line
 from tpproxy.http.h2_streams import HTTP2_APP_PROTOCOLS
@@ -304,8 +307,11 @@ async def _intercept(
             print(f"tpcontrol: {local.notice()}", file=sys.stderr, flush=True)
         env = {**local.given, "TELEPRESENCE_INTERCEPT_ID": live.id}
         stop = signalled()  # from here on Ctrl-C and SIGTERM mean: leave, in order
-        mounting = asyncio.create_task(_mount(client, live, intercept, args.mount))
-        if not await _first(mounting, stop):
+        mounting = asyncio.create_task(
+            mount_files(live.tunnel_address, _mount_hello(client, live), args.mount,
+                        served=bool(intercept.mount_point))
+        )  # fmt: skip
+        if not await unless_stopped(mounting, stop):
             return 0  # left while mounting: an ordinary leave
         mount = mounting.result()
         if mount is not None and mount.path is not None:
@@ -325,7 +331,7 @@ async def _intercept(
             print(f"  running the local version as container {name}", flush=True)
             return await run_container(argv, name, env, stop)
         if args.run:
-            return await _run_command(args.run, env, stop)
+            return await run_command(args.run, env, stop)
         await stop.wait()
         return 0
     finally:
@@ -338,17 +344,9 @@ async def _intercept(
         pidfile.unlink(missing_ok=True)
 
 
-async def _mount(
-    client: InterceptSession, live: LiveIntercept, intercept: Intercept, where: str
-) -> SshfsMount | None:
-    """The container's files at `where` (a fresh directory when empty), unless `--mount=false`
-    or the agent exports none; a mount that cannot be made is one line, and the intercept goes
-    on without it."""
-    if where.lower() == "false":
-        return None
-    if not intercept.mount_point:
-        print("  the agent exports no files for this container: no mount", flush=True)
-        return None
+def _mount_hello(client: InterceptSession, live: LiveIntercept) -> Callable[[], Hello]:
+    """The first line of each mount stream: this session's, for the intercept as it is now
+    (its id changes when the client intercepts again after a manager restart)."""
 
     def hello() -> Hello:
         return Hello(
@@ -356,15 +354,7 @@ async def _mount(
             token=client.credential.current(), purpose="mount",
         )  # fmt: skip
 
-    mount = SshfsMount(live.tunnel_address, hello, where)
-    try:
-        path = await mount.start()
-    except MountUnavailable as exc:
-        print(f"tpcontrol: mounts: {exc}; the intercept goes on without them", file=sys.stderr,
-              flush=True)  # fmt: skip
-        return None
-    print(f"  the container's files are mounted at {path} (TELEPRESENCE_ROOT)", flush=True)
-    return mount
+    return hello
 
 
 def _pidfile(name: str) -> Path:
@@ -529,32 +519,3 @@ async def _until_active(client: InterceptSession, icept: str, wait: float) -> In
     except TimeoutError:
         raise UsageError(f"intercept {icept} not active after {wait:.0f} s") from None
     raise UsageError("the manager ended the watch")
-
-
-async def _first(task: asyncio.Task[T], stop: asyncio.Event) -> bool:
-    """Wait for `task` unless `stop` comes first: then cancel it (it cleans up after itself)
-    and return False."""
-    stopping = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-    if task.done():
-        return True
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return False
-
-
-async def _run_command(command: Sequence[str], env: dict[str, str], stop: asyncio.Event) -> int:
-    """The command's exit code; a signal to this process is passed on to it (as SIGINT), and
-    it gets 10 s to end before it is killed."""
-    proc = await asyncio.create_subprocess_exec(*command, env={**os.environ, **env})
-    waiting = asyncio.create_task(proc.wait())
-    if await _first(waiting, stop):
-        return waiting.result()
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGINT)
-    await wait_or_kill(proc, within=10)
-    return 130

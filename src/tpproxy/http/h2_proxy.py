@@ -8,6 +8,9 @@ open and shared by the streams sent there. A stream's headers are read once for 
 metadata included), then the stream is relayed frame by frame: headers, data under both sides'
 flow control, trailers, resets. PING and SETTINGS are per hop (h2 answers them). A new table
 applies to new streams; open streams keep the target they were given.
+
+Long on purpose: one protocol class, the client side of a relayed HTTP/2 connection, with the
+callbacks its upstreams make (the upstream side is `tpproxy.http.h2_upstream`).
 """
 
 from __future__ import annotations
