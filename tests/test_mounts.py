@@ -147,3 +147,41 @@ def test_ssh_serves_nothing_but_sftp(tmp_path: Path) -> None:
             server.close()
 
     run(scenario())
+
+
+def test_without_sshfs_the_mount_is_one_line_saying_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tpcontrol.client.mount import MountUnavailable, SshfsMount
+    from tpproxy.tunnel import Hello
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sshfs on it
+    mount = SshfsMount(("127.0.0.1", 1), lambda: Hello(role="client", session="s", intercept="i"),
+                       registry=tmp_path / "registry")  # fmt: skip
+
+    async def scenario() -> None:
+        with pytest.raises(
+            MountUnavailable, match=r"sshfs is not installed \(.*apt-get install sshfs\)"
+        ):
+            await mount.start()
+
+    run(scenario())
+    assert not list(tmp_path.glob("tpcontrol-mount-*"))  # nothing made
+
+
+def test_the_container_command_line_names_the_environment_but_holds_no_value() -> None:
+    from tpcontrol.client.container import run_argv
+
+    argv = run_argv(
+        "/usr/bin/podman", "tpcontrol-echo-1", ["img:1", "python", "app.py"],
+        {"PASSWORD": "s3cr3t", "GREETING": "hi"}, Path("/tmp/m"),
+        ["/etc/config", "/var/run/secrets/kubernetes.io", "relative", "/a:b"], 8080, 80,
+    )  # fmt: skip
+    assert argv == [
+        "/usr/bin/podman", "run", "--rm", "--name", "tpcontrol-echo-1",
+        "-p", "127.0.0.1:8080:80", "-e", "GREETING", "-e", "PASSWORD",
+        "-v", "/tmp/m/etc/config:/etc/config",
+        "-v", "/tmp/m/var/run/secrets/kubernetes.io:/var/run/secrets/kubernetes.io",
+        "img:1", "python", "app.py",
+    ]  # fmt: skip
+    assert not any("s3cr3t" in a for a in argv)
