@@ -45,6 +45,7 @@ from tpproxy.http.h2_upstream import (
     DEFAULT_WINDOW,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
+    FlowControlledSide,
     H2Stream,
     H2Upstream,
     pump,
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tpproxy.http2")
 
 
-class H2Proxy(asyncio.Protocol):
+class H2Proxy(FlowControlledSide):
     """One HTTP/2 client connection in HTTP mode."""
 
     def __init__(self, ctx: PortContext) -> None:
@@ -108,11 +109,7 @@ class H2Proxy(asyncio.Protocol):
             self.ctx.traffic.bytes_to_client += len(data)
             self.transport.write(data)
 
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
+    def writable_again(self) -> None:
         for stream in list(self.streams.values()):
             self.send_response_data(stream)
         self.flush()

@@ -135,7 +135,24 @@ def pump(
     return True
 
 
-class H2Upstream(asyncio.Protocol):
+class FlowControlledSide(asyncio.Protocol):
+    """One side of a relayed HTTP/2 connection: nothing more is handed to it while its
+    transport is above the high-water mark, and what waited moves on when it drains."""
+
+    paused = False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.writable_again()
+
+    def writable_again(self) -> None:
+        raise NotImplementedError
+
+
+class H2Upstream(FlowControlledSide):
     """The HTTP/2 connection to one target, for the streams one client connection sends there."""
 
     def __init__(self, client: H2Proxy, target: Target) -> None:
@@ -171,11 +188,7 @@ class H2Upstream(asyncio.Protocol):
         self.closed = True
         self.client.upstream_lost(self, "connection lost" if exc is None else str(exc))
 
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
+    def writable_again(self) -> None:
         for stream in list(self.streams.values()):
             self.send_request_data(stream)
         self.client.flush()
