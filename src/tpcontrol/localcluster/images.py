@@ -232,9 +232,7 @@ class _Builder:
             )
         digest = hashlib.sha256(f"{RECIPE}\0".encode() + binary.read_bytes()).hexdigest()[:16]
         archive = self.cache / "archives" / f"pause-3.4-{digest}.docker.tar"
-        cached = _cached(archive)
-        if cached:
-            self.progress(f"pause image {PAUSE_REF}: cached")
+        if cached := self._cached(archive, f"pause image {PAUSE_REF}"):
             return cached
         t0 = time.monotonic()
         # The tag is fixed (the kubelet's --pod-infra-container-image), so a new binary moves it
@@ -260,6 +258,13 @@ class _Builder:
         self._prune("pause-3.4-", archive)
         return image
 
+    def _cached(self, archive: Path, what: str) -> Image | None:
+        """The image already built into `archive`, said as such, or None."""
+        found = _archived_image(archive)
+        if found is not None:
+            self.progress(f"{what}: cached")
+        return found
+
     def _containerfile_image(
         self, kind: str, name: str, root: Path, context: Sequence[str], extra: list[str]
     ) -> Image:
@@ -267,9 +272,7 @@ class _Builder:
         ref = f"{name}:{tag}"
         prefix = name.rsplit("/", 1)[-1] + "-"
         archive = self.cache / "archives" / f"{prefix}{tag}.docker.tar"
-        cached = _cached(archive)
-        if cached:
-            self.progress(f"{kind} image {ref}: cached")
+        if cached := self._cached(archive, f"{kind} image {ref}"):
             return cached
         t0 = time.monotonic()
         ctx = Path(tempfile.mkdtemp(prefix=f"ctx-{kind}-", dir=self.cache / "tmp"))
@@ -281,9 +284,7 @@ class _Builder:
             if staged != tag:
                 tag, ref = staged, f"{name}:{staged}"
                 archive = self.cache / "archives" / f"{prefix}{tag}.docker.tar"
-                cached = _cached(archive)
-                if cached:
-                    self.progress(f"{kind} image {ref}: cached")
+                if cached := self._cached(archive, f"{kind} image {ref}"):
                     return cached
             if _image_size(ref) is None:
                 self._ensure_base()
@@ -587,7 +588,7 @@ def _meta_path(archive: Path) -> Path:
     return archive.with_name(archive.name + ".json")
 
 
-def _cached(archive: Path) -> Image | None:
+def _archived_image(archive: Path) -> Image | None:
     try:
         meta = json.loads(_meta_path(archive).read_text())
         if archive.is_file():
