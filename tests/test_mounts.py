@@ -185,3 +185,11 @@ def test_the_container_command_line_names_the_environment_but_holds_no_value() -
         "img:1", "python", "app.py",
     ]  # fmt: skip
     assert not any("s3cr3t" in a for a in argv)
+
+
+def test_only_containers_of_killed_clients_are_stale() -> None:
+    from tpcontrol.client.container import stale
+
+    names = ["tpcontrol-echo-http-4242", "tpcontrol-echo-http-77", "tpcontrol-7", "web",
+             "tpcontrol-echo-notapid", "other-echo-4242"]  # fmt: skip
+    assert stale(names, lambda pid: pid == 77) == ["tpcontrol-echo-http-4242"]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -294,3 +296,36 @@ def test_docker_run_gets_the_environment_mounts_and_requests(
                     await rm.wait()
 
     run(scenario(), timeout=400)
+
+
+def test_the_next_docker_run_removes_what_a_killed_client_left(
+    cluster: ClusterUnderTest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client killed while its container ran leaves it running: its name carries the dead
+    client's pid, and the next `--docker-run` removes it (live clients' are left alone)."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    from tpcontrol.client.container import remove_stale
+
+    conf = tmp_path / "containers.conf"
+    conf.write_text("[containers]\ndefault_ulimits = []\n")
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    dead = f"tpcontrol-echo-http-{2**22 + 12345}"  # above pid_max's default: never a live pid
+    live = f"tpcontrol-echo-http-{os.getpid()}"
+    for name in (dead, live):
+        subprocess.run(["podman", "rm", "-f", name], env=env, capture_output=True, timeout=60)
+        subprocess.run(
+            ["podman", "create", "--name", name, cluster.images.examples.ref, "true"],
+            env=env, capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+    monkeypatch.setenv("CONTAINERS_CONF", str(conf))
+    try:
+        assert remove_stale("podman") == [dead]
+        names = subprocess.run(
+            ["podman", "ps", "-a", "--format", "{{.Names}}"], env=env, capture_output=True,
+            text=True, timeout=60, check=True,
+        ).stdout.split()  # fmt: skip
+        assert dead not in names
+        assert live in names
+    finally:
+        subprocess.run(["podman", "rm", "-f", live], env=env, capture_output=True, timeout=60)

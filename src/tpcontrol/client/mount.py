@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tpcontrol.lifecycle import child_options, wait_or_kill
+from tpcontrol.lifecycle import alive, child_options, wait_or_kill
 from tpproxy.forward import ClientRelay
 from tpproxy.stats import TrafficStats
 from tpproxy.targets import ConnectorTarget
@@ -75,7 +75,7 @@ def clean_stale(registry: Path = REGISTRY) -> list[Path]:
         except (OSError, ValueError, KeyError, TypeError):
             record.unlink(missing_ok=True)
             continue
-        if _alive(pid):
+        if alive(pid):
             continue
         unmount(path)
         if made:
@@ -84,16 +84,6 @@ def clean_stale(registry: Path = REGISTRY) -> list[Path]:
         record.unlink(missing_ok=True)
         cleaned.append(path)
     return cleaned
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SshfsMount:
