@@ -32,30 +32,14 @@ import h2.config
 import h2.connection
 import h2.events
 
-HOST = "127.0.0.1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.sidebyside`
+
+from benchmarks.sidebyside.common import HOST
+from benchmarks.sidebyside.procs import free_port, wait_listening
+
 PATH = "/tp.test.Echo/Unary"
 TOOLS = {"h2load": "nghttp2-client", "nghttpd": "nghttp2-server", "haproxy": "haproxy"}
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], within: float = 20) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection((HOST, port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} never opened")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -158,6 +142,7 @@ def main() -> int:
         subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, timeout=600)
     tpproxy = Path(sys.executable).with_name("tpproxy")
     tmp = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
+    taken: set[int] = set()
     try:
         with processes() as spawn:
             targets = {}
@@ -165,14 +150,14 @@ def main() -> int:
                 root = tmp / name / PATH.strip("/").split("/")[0]
                 root.mkdir(parents=True)
                 (root / PATH.rsplit("/", 1)[1]).write_bytes(frame(name.encode()))
-                port = free_port()
+                port = free_port(taken)
                 proc = spawn(["nghttpd", "--no-tls", "-d", str(tmp / name), "-a", HOST, str(port)],
                              tmp / f"nghttpd-{name}.log")  # fmt: skip
-                wait_port(port, proc)
+                wait_listening(port, proc, f"nghttpd {name}", tmp / f"nghttpd-{name}.log")
                 targets[name] = port
             contenders = [Contender("direct", targets["app"], None)]
 
-            port = free_port()
+            port = free_port(taken)
             intercepts = tmp / "intercepts.yaml"
             intercepts.write_text(
                 f"- {{id: alice, port: {port}, mechanism: http, target: '{HOST}:{targets['alice']}', "
@@ -181,10 +166,10 @@ def main() -> int:
             proc = spawn([str(tpproxy), "run", "--forward", f"{port}={HOST}:{targets['app']}",
                           "--mode", "http", "--intercepts", str(intercepts), "--listen-host", HOST,
                           "--admin", "off", "--log-level", "warning"], tmp / "tpproxy.log")  # fmt: skip
-            wait_port(port, proc)
+            wait_listening(port, proc, "tpproxy", tmp / "tpproxy.log")
             contenders.append(Contender("tpproxy", port, proc.pid))
 
-            port = free_port()
+            port = free_port(taken)
             conf = tmp / "haproxy.cfg"
             conf.write_text(
                 "global\n  nbthread 1\n  maxconn 4096\n\n"
@@ -197,7 +182,7 @@ def main() -> int:
                 f"backend b_alice\n  server alice {HOST}:{targets['alice']} proto h2\n"
             )
             proc = spawn(["haproxy", "-db", "-f", str(conf)], tmp / "haproxy.log")
-            wait_port(port, proc)
+            wait_listening(port, proc, "haproxy", tmp / "haproxy.log")
             contenders.append(Contender("haproxy", port, proc.pid))
 
             for c in contenders:  # correctness first: each routes as asked
