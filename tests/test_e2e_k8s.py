@@ -168,8 +168,14 @@ def test_http_intercept_through_a_port_forward_to_the_in_cluster_manager(
 
                 by_alice = await answers(cluster.network, ip, 80, "/a", **{"x-dev": "alice"})
                 assert by_alice.startswith("dev GET /a"), by_alice
-                plain = await answers(cluster.network, ip, 80, "/b")
-                assert plain.startswith(f"served by {new['metadata']['name']}/http"), plain
+                # The old pod may answer a little longer: it leaves the Service's endpoints
+                # only once it is gone, which the count of live pods above does not wait for.
+                async with asyncio.timeout(60):
+                    while not (plain := await answers(cluster.network, ip, 80, "/b")).startswith(
+                        f"served by {new['metadata']['name']}/http"
+                    ):
+                        assert plain.startswith(f"served by {old['metadata']['name']}/"), plain
+                        await asyncio.sleep(0.2)
             finally:
                 if cli.returncode is None:
                     await leave(cli)

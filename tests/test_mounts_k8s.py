@@ -171,7 +171,7 @@ def test_developer_reads_the_containers_files_through_the_mount(
             async with asyncio.timeout(180):
                 while "mounted at" not in said:
                     line = await killed.stdout.readline()
-                    assert line, said
+                    assert line, said + (await killed.stderr.read()).decode()  # type: ignore[union-attr]
                     said += line.decode()
             killed.send_signal(signal.SIGKILL)
             await killed.wait()
@@ -195,7 +195,7 @@ def test_developer_reads_the_containers_files_through_the_mount(
                 async with asyncio.timeout(180):
                     while "mounted at" not in said:
                         line = await erin.stdout.readline()
-                        assert line, said
+                        assert line, said + (await erin.stderr.read()).decode()  # type: ignore[union-attr]
                         said += line.decode()
                 assert len(fuse_mounts()) == 1
                 (pod,) = [p for p in await wait_for_pods(api, ns, "app=echo", 1) if has_agent(p)]
