@@ -73,7 +73,6 @@ class H2Proxy(FlowControlledSide):
         self.transport: asyncio.Transport | None = None
         self.closing = False
         self.draining = False
-        self.paused = False
         self.last_active = 0.0
         self.resets: list[float] = []  # times of the client's recent resets
 
@@ -127,8 +126,7 @@ class H2Proxy(FlowControlledSide):
             return
         self.draining = True
         self._goaway(ErrorCodes.NO_ERROR, keep_streams=True)
-        if not self.streams:
-            self._close()
+        self._close_if_drained()
 
     def check_timeouts(self, now: float) -> None:
         """Called about twice a second by the engine: the idle timeout of a stream-less
@@ -152,6 +150,12 @@ class H2Proxy(FlowControlledSide):
         self.flush()
         if self.transport is not None and not self.closing:
             self.transport.write(frame.serialize())
+
+    def _close_if_drained(self) -> None:
+        """Draining (our GOAWAY or the client's) and no stream left: the connection is done."""
+        if self.draining and not self.streams:
+            self.flush()
+            self._close()
 
     def _close(self) -> None:
         self.closing = True
@@ -342,7 +346,6 @@ class H2Proxy(FlowControlledSide):
         self._response_done(stream)
 
     def _response_done(self, stream: H2Stream) -> None:
-        stream.response_done = True
         forwarded = self.stats.forwarded
         forwarded[stream.route] = forwarded.get(stream.route, 0) + 1
         self._finished(stream)
@@ -356,9 +359,7 @@ class H2Proxy(FlowControlledSide):
             # The response is complete before the request: the rest of it is not wanted
             # (RFC 9113 §8.1), which the client learns from a reset with NO_ERROR.
             self.conn.reset_stream(stream.client_id, ErrorCodes.NO_ERROR)
-        if self.draining and not self.streams:
-            self.flush()
-            self._close()
+        self._close_if_drained()
 
     def _end_at_target(self, stream: H2Stream, code: int) -> None:
         self.streams.pop(stream.client_id, None)
@@ -373,9 +374,7 @@ class H2Proxy(FlowControlledSide):
         self.stats.count(stream.route, "upstream_error" if code else "forwarded")
         with contextlib.suppress(StreamClosedError, ProtocolError):
             self.conn.reset_stream(stream.client_id, code)
-        if self.draining and not self.streams:
-            self.flush()
-            self._close()
+        self._close_if_drained()
 
     def forget(self, upstream: H2Upstream) -> None:
         """`upstream` takes no new streams (it is going away, or it failed)."""
@@ -446,6 +445,4 @@ class H2Proxy(FlowControlledSide):
                 conn.reset_stream(stream.client_id, ErrorCodes.NO_ERROR)
         except (StreamClosedError, ProtocolError):
             pass
-        if self.draining and not self.streams:
-            self.flush()
-            self._close()
+        self._close_if_drained()

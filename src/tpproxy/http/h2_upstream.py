@@ -55,7 +55,6 @@ class H2Stream:
         "observed",
         "replay",
         "request_ended",
-        "response_done",
         "response_started",
         "route",
         "t0",
@@ -93,7 +92,6 @@ class H2Stream:
         self.to_client_trailers: list[Header] | None = None
         self.request_ended = False
         self.response_started = False
-        self.response_done = False
         self.observed = False
 
 
@@ -166,7 +164,6 @@ class H2Upstream(FlowControlledSide):
         self.closed = False
         self.failed = False
         self.going_away = False
-        self.paused = False
         # Streams wait for the target's first SETTINGS: until then its limit on concurrent
         # streams is unknown, and a stream past it would be refused.
         self.settled = False
