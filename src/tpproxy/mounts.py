@@ -81,16 +81,21 @@ def export_container(
 
 @dataclass(frozen=True)
 class Confinement:
-    """What one export directory lets a session reach (sans-IO but for `os.path.realpath`)."""
+    """What one export directory lets a session reach (sans-IO but for `os.path.realpath`).
+    The links are read once, when the session starts: the export directory is made at the
+    agent's start and not changed after."""
 
     root: str  # the export directory, resolved
-    allowed: tuple[str, ...]  # the root and the resolved targets of its links
+    links: tuple[tuple[str, str], ...]  # (its path in the session, the resolved target)
 
     @classmethod
     def of(cls, root: Path) -> Confinement:
         real = os.path.realpath(root)
-        targets = [os.path.realpath(p) for p in _links(Path(real))]
-        return cls(real, (real, *sorted(set(targets))))
+        links = tuple(
+            ("/" + str(link.relative_to(real)), os.path.realpath(link))
+            for link in _links(Path(real))
+        )
+        return cls(real, links)
 
     def local(self, virtual: bytes) -> bytes:
         """The local path of a session's path, or PermissionError when it would reach outside
@@ -99,23 +104,25 @@ class Confinement:
         normal = posixpath.normpath(posixpath.join("/", text))
         local = posixpath.join(self.root, normal.lstrip("/"))
         resolved = os.path.realpath(local)
-        if not any(resolved == a or resolved.startswith(a + "/") for a in self.allowed):
+        if not _within(resolved, self.root) and not any(
+            _within(resolved, target) for _, target in self.links
+        ):
             raise PermissionError(f"{normal}: outside the exported files")
         return local.encode("utf-8", "surrogateescape")
 
     def virtual(self, local: bytes) -> bytes:
         """The session's name for a local path (realpath and readlink answers)."""
         text = local.decode("utf-8", "surrogateescape")
-        if text == self.root:
-            return b"/"
-        if text.startswith(self.root + "/"):
-            return text[len(self.root) :].encode("utf-8", "surrogateescape")
-        for link in _links(Path(self.root)):
-            target = os.path.realpath(link)
-            if text == target or text.startswith(target + "/"):
-                inside = "/" + str(link.relative_to(self.root)) + text[len(target) :]
-                return inside.encode("utf-8", "surrogateescape")
+        if _within(text, self.root):
+            return (text[len(self.root) :] or "/").encode("utf-8", "surrogateescape")
+        for inside, target in self.links:
+            if _within(text, target):
+                return (inside + text[len(target) :]).encode("utf-8", "surrogateescape")
         raise PermissionError("outside the exported files")
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
 
 
 def _links(root: Path) -> Iterable[Path]:
@@ -204,7 +211,8 @@ class AgentMounts:
 
     def __init__(self, sidecar_containers: Iterable[Container]) -> None:
         self.containers = list(sidecar_containers)
-        self.exports: dict[int, Export] = {}  # by agent port
+        self.served: list[Export] = []  # one per exported container
+        self.exports: dict[int, Export] = {}  # the same, by agent port
         self.pools: dict[str, StreamPool] = {}  # by intercept id
 
     async def start(self, exports: str = EXPORTS_DIR, secrets: str = SECRETS_DIR) -> None:
@@ -224,6 +232,7 @@ class AgentMounts:
                 log.warning("container %s: its files are not exported: %s", container.name, exc)
                 continue
             export = Export(container.name, root, mounts, server, port)
+            self.served.append(export)
             for icept in container.intercepts:
                 self.exports[icept.agent_port] = export
             log.info("container %s: files exported at %s (%s)", container.name, root,
@@ -249,5 +258,5 @@ class AgentMounts:
         for pool in self.pools.values():
             await pool.close()
         self.pools.clear()
-        for export in {id(e): e for e in self.exports.values()}.values():
+        for export in self.served:
             export.server.close()
