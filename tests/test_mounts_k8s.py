@@ -105,6 +105,20 @@ async def deploy_with_volumes(
     await wait_for_pods(api, ns, "app=echo", 1, settled(agent=False), within=120)
 
 
+async def until_said(proc: asyncio.subprocess.Process, text: str, within: float) -> str:
+    """What `proc` prints until a line holds `text`; its stderr in the failure if it ends first."""
+    assert proc.stdout is not None
+    said = ""
+    async with asyncio.timeout(within):
+        while text not in said:
+            line = await proc.stdout.readline()
+            if not line:
+                err = await proc.stderr.read() if proc.stderr is not None else b""
+                raise AssertionError(said + err.decode())
+            said += line.decode()
+    return said
+
+
 def fuse_mounts() -> list[str]:
     return [
         line.split(" ")[1]
@@ -168,13 +182,7 @@ def test_developer_reads_the_containers_files_through_the_mount(
                 "intercept", "echo", "-n", ns, "--port", "http", "--to", str(dev.port),
                 "--http-header", "x-dev=carol", "--name", "echo-carol", "--wait", "240",
             )  # fmt: skip
-            assert killed.stdout is not None
-            said = ""
-            async with asyncio.timeout(300):
-                while "mounted at" not in said:
-                    line = await killed.stdout.readline()
-                    assert line, said + (await killed.stderr.read()).decode()  # type: ignore[union-attr]
-                    said += line.decode()
+            await until_said(killed, "mounted at", 300)
             killed.send_signal(signal.SIGKILL)
             await killed.wait()
             async with asyncio.timeout(20):
@@ -191,22 +199,12 @@ def test_developer_reads_the_containers_files_through_the_mount(
                 "intercept", "echo", "-n", ns, "--port", "http", "--to", str(dev.port),
                 "--http-header", "x-dev=erin", "--name", "echo-erin", "--wait", "240",
             )  # fmt: skip
-            assert erin.stdout is not None
-            said = ""
             try:
-                async with asyncio.timeout(300):
-                    while "mounted at" not in said:
-                        line = await erin.stdout.readline()
-                        assert line, said + (await erin.stderr.read()).decode()  # type: ignore[union-attr]
-                        said += line.decode()
+                said = await until_said(erin, "mounted at", 300)
                 assert len(fuse_mounts()) == 1
                 (pod,) = [p for p in await wait_for_pods(api, ns, "app=echo", 1) if has_agent(p)]
                 await core.delete_namespaced_pod(pod["metadata"]["name"], ns)
-                async with asyncio.timeout(120):
-                    while "ended" not in said:
-                        line = await erin.stdout.readline()
-                        assert line, said
-                        said += line.decode()
+                said += await until_said(erin, "ended", 120)
                 assert fuse_mounts() == []
                 assert await sshfs_processes() == []
                 erin.send_signal(signal.SIGINT)
@@ -257,14 +255,9 @@ def test_docker_run_gets_the_environment_mounts_and_requests(
                 "--docker-run", "--", cluster.images.examples.ref, "python", "-c", CONTAINER_APP,
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            assert cli.stdout is not None
-            said = name = ""
+            name = ""
             try:
-                async with asyncio.timeout(180):
-                    while "running the local version as container" not in said:
-                        line = await cli.stdout.readline()
-                        assert line, said + (await cli.stderr.read()).decode()  # type: ignore[union-attr]
-                        said += line.decode()
+                said = await until_said(cli, "running the local version as container", 180)
                 name = said.split("as container ")[1].split()[0]
                 svc = await k8s.CoreV1Api(api).read_namespaced_service("echo", ns)
                 body = ""

@@ -9,7 +9,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,15 +137,25 @@ def fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def table_head(columns: Sequence[str]) -> list[str]:
+    """A markdown table's header lines: the names, then the name column left, the rest right."""
+    return ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+
+
+def failed_row(name: str, columns: Sequence[str], failed: dict[str, str], skipped: set[str]) -> str:
+    """The row of a contender that did not run (skipped) or failed its check, with the reason."""
+    what = "skipped" if name in skipped else "failed"
+    return f"| {name} | {what}: {failed[name]} |" + " |" * (len(columns) - 2)
+
+
 def render_table(res: Results, skip_bulk: bool, failed: dict[str, str], skipped: set[str]) -> str:
     def num(x: float | None, fmt: str, metric: str, name: str) -> str:
         return fmt_num(res, x, fmt, metric, name)
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    lines = table_head(COLUMNS)
     for name in res.names:
         if name in failed:
-            what = "skipped" if name in skipped else "failed"
-            lines.append(f"| {name} | {what}: {failed[name]} |" + " |" * (len(COLUMNS) - 2))
+            lines.append(failed_row(name, COLUMNS, failed, skipped))
             continue
         is_direct = name == "direct"
         rps = med(res.series(name, "rps_c50"))
@@ -196,12 +206,11 @@ HTTP_COLUMNS = [
 
 def render_http_table(res: Results, failed: dict[str, str], skipped: set[str]) -> str:
     cols = HTTP_COLUMNS
-    lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+    lines = table_head(cols)
 
     for name in res.names:
         if name in failed:
-            what = "skipped" if name in skipped else "failed"
-            lines.append(f"| {name} | {what}: {failed[name]} |" + " |" * (len(cols) - 2))
+            lines.append(failed_row(name, cols, failed, skipped))
             continue
         is_direct = name == "direct"
         x_direct = med(res.paired(name, "rps_c50", res.direct("rps_c50"), "/"))
