@@ -1,5 +1,6 @@
 """tpproxy: the traffic-agent forwarding engine (multi-port TCP forwarding, hot route changes)."""
 
+from tpproxy import hotpath  # first: it decides whether the compiled hot path is imported
 from tpproxy.config import ConfigError, Container, Intercept, Sidecar
 from tpproxy.engine import Engine, ListenError
 from tpproxy.routing import PortRoutes, RouteConflict, TcpIntercept
@@ -22,4 +23,5 @@ __all__ = [
     "Target",
     "TcpIntercept",
     "__version__",
+    "hotpath",
 ]

@@ -47,6 +47,9 @@ def _engine_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--drain-timeout", type=float, help="seconds to drain after SIGTERM")
     run.add_argument("--connect-timeout", type=float, help="seconds to wait for a target")
     run.add_argument("--backlog", type=int, help="listen backlog per port")
+    run.add_argument(
+        "--splice-after", type=int, help="bytes before a bulk TCP connection uses splice (0: never)"
+    )
     run.add_argument("--mode", choices=["tcp", "http"], help="tcp (default) or http routing")
     run.add_argument("--http-parser", choices=["httptools", "h11"], help="HTTP head parser")
     run.add_argument("--intercepts", metavar="FILE", help="YAML list of intercept specs")

@@ -19,6 +19,7 @@ from tpproxy.http import protocol_class
 from tpproxy.http.h2_proxy import H2Proxy
 from tpproxy.http.protocol import HttpProxy, HttpSettings, PortContext
 from tpproxy.routing import PortRoutes, RouteTable
+from tpproxy.settings import SPLICE_AFTER
 from tpproxy.stats import StatsBook, TrafficStats
 from tpproxy.targets import Target
 
@@ -59,8 +60,10 @@ class Engine:
         connect_timeout: float = 5.0,
         backlog: int = 1024,
         http: HttpSettings | None = None,
+        splice_after: int = SPLICE_AFTER,
     ) -> None:
         self.host = host
+        self.splice_after = splice_after
         self.connect_timeout = connect_timeout
         self.backlog = backlog
         self.http = http or HttpSettings()
@@ -155,7 +158,9 @@ class Engine:
             return target, self.stats.entry(port, route, target.label)
 
         def relay() -> ClientRelay:
-            return ClientRelay(choose, self._open.add, self._closed, self.connect_timeout)
+            return ClientRelay(
+                choose, self._open.add, self._closed, self.connect_timeout, self.splice_after
+            )
 
         def handover(transport: asyncio.Transport, data: bytes) -> None:
             # An HTTP-mode connection that turned out not to be HTTP/1 (an HTTP/2 preface).

@@ -39,6 +39,11 @@ class EngineCollector(Collector):
         resets = CounterMetricFamily(
             "tpproxy_connection_resets", "Connections ended by a reset on one side.", labels=_LABELS
         )
+        joined = CounterMetricFamily(
+            "tpproxy_spliced_connections",
+            "TCP connections that moved bulk data and were joined in the kernel with splice(2).",
+            labels=_LABELS,
+        )
         sent = CounterMetricFamily(
             "tpproxy_bytes",
             "Bytes forwarded, by direction (to_target: from clients; to_client: from targets).",
@@ -50,6 +55,7 @@ class EngineCollector(Collector):
             total.add_metric(labels, s.connections_total)
             errors.add_metric(labels, s.connect_errors)
             resets.add_metric(labels, s.resets)
+            joined.add_metric(labels, s.joined)
             sent.add_metric([*labels, "to_target"], s.bytes_to_target)
             sent.add_metric([*labels, "to_client"], s.bytes_to_client)
         requests = CounterMetricFamily(
@@ -83,7 +89,7 @@ class EngineCollector(Collector):
             "How many route tables have been applied.",
             value=self.engine.generation,
         )
-        yield from (opened, total, errors, resets, sent, listening, generation)
+        yield from (opened, total, errors, resets, joined, sent, listening, generation)
 
 
 def engine_registry(engine: Engine) -> CollectorRegistry:

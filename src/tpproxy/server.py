@@ -64,7 +64,11 @@ class Proxy:
             idle_timeout=s.idle_timeout,
         )
         self.engine = Engine(
-            host=s.listen_host, connect_timeout=s.connect_timeout, backlog=s.backlog, http=http
+            host=s.listen_host,
+            connect_timeout=s.connect_timeout,
+            backlog=s.backlog,
+            http=http,
+            splice_after=s.splice_after,
         )
 
     def readiness(self) -> tuple[bool, str]:

@@ -21,6 +21,8 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
+# A TCP connection that has moved this many bytes in large reads is joined with splice(2).
+SPLICE_AFTER = 256 * 1024
 ADMIN_PORT = 9180  # /livez (the injected liveness probe), /readyz, /metrics
 # The agent container's readiness probe is `/bin/stat` of this file (the injector's probe).
 READY_FILE = "/tmp/agent/ready"
@@ -52,6 +54,9 @@ class ProxySettings(msgspec.Struct, frozen=True, kw_only=True):
     """HTTP request-head parser: httptools (fast) or h11 (strict)."""
     intercepts: str = ""
     """YAML file of intercept specs to apply at start (and on SIGHUP)."""
+    splice_after: Annotated[int, msgspec.Meta(ge=0)] = SPLICE_AFTER
+    """Bytes a TCP-mode connection moves in large reads before its two sockets are joined with
+    splice(2) (no copies through Python); 0 never joins them."""
     max_head_size: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024
     """Largest request head (request line and headers) in bytes; larger ones get 431."""
     header_timeout: Positive = 10.0

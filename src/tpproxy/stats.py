@@ -21,6 +21,7 @@ class TrafficStats:
     connections_open: int = 0
     connect_errors: int = 0
     resets: int = 0
+    joined: int = 0
     bytes_to_target: int = 0
     bytes_to_client: int = 0
 

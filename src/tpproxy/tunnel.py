@@ -18,7 +18,7 @@ from typing import Literal, cast
 
 import msgspec
 
-from tpproxy.forward import WRITE_HIGH_WATER, WRITE_LOW_WATER, _Relay
+from tpproxy.forward import JoinedRelay
 from tpproxy.stats import TrafficStats
 from tpproxy.targets import Connector, ProtocolFactory
 
@@ -112,31 +112,6 @@ def tunnel_connector(host: str, port: int, hello: Callable[[], Hello]) -> Connec
     return connect
 
 
-class _Joined(_Relay):
-    """One side of two joined streams (the manager splicing an agent and a client stream)."""
-
-    __slots__ = ("_inbound",)
-
-    def __init__(self, stats: TrafficStats, inbound: bool) -> None:
-        super().__init__()
-        self.stats = stats
-        self._inbound = inbound
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-
-    def data_received(self, data: bytes) -> None:
-        if self._inbound:
-            self.stats.bytes_to_target += len(data)
-        else:
-            self.stats.bytes_to_client += len(data)
-        self.peer.transport.write(data)  # type: ignore[union-attr]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost(exc)
-
-
 def join(
     agent: LineReader,
     agent_rest: bytes,
@@ -145,8 +120,9 @@ def join(
     stats: TrafficStats,
 ) -> None:
     """Splice two handshaken streams: bytes flow both ways with flow control and half-close."""
-    a, c = _Joined(stats, inbound=True), _Joined(stats, inbound=False)
+    a, c = JoinedRelay(stats, inbound=True), JoinedRelay(stats, inbound=False)
     a.peer, c.peer = c, a
+    a.lead = c.lead = a
     # Both transports must be known before either side's leftover bytes are passed on.
     assert agent.transport is not None
     assert client.transport is not None

@@ -236,7 +236,12 @@ class ChunkedScanner:
 
     __slots__ = ("_line", "_remaining", "_state", "_trailer_bytes")
 
-    SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+    # One name a line: mypyc compiles class-level constants, not tuple unpacking.
+    SIZE = 0
+    DATA = 1
+    DATA_END = 2
+    TRAILER = 3
+    DONE = 4
 
     def __init__(self) -> None:
         self._state = self.SIZE

@@ -267,8 +267,8 @@ class HttpProxy(asyncio.Protocol):
                 assert ex is not None
                 try:
                     body_end = body.advance(data, pos)
-                except FramingError as exc:
-                    self._refuse(400, str(exc), ex)
+                except FramingError as bad_body:
+                    self._refuse(400, str(bad_body), ex)
                     return
                 upstream = ex.upstream
                 if body_end < 0:
@@ -308,8 +308,8 @@ class HttpProxy(asyncio.Protocol):
             head = data[start:head_end] if start or head_end != end else data
             try:
                 request = self.parse_head(head)
-            except BadRequest as exc:
-                self._refuse(exc.status, str(exc))
+            except BadRequest as refused:
+                self._refuse(refused.status, str(refused))
                 return
             self._dispatch(request, head, t0)
             pos = head_end
