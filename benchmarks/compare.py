@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for alice in (False, True):  # warm-ups, must also be error-free
                             port, headers = load_target(run, alice)
                             run_wrk(port, 50, 1, headers)
+                        run_wrk(run.ports.http, 50, 1, varied=True)
                     else:
                         check_http(run.ports.http)
                         check_bytes(run.ports.check)
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
 
             if http_mode:
-                kinds = ["c1", "c50", "c1-alice", "c50-alice"]
+                kinds = ["c1", "c50", "c1-alice", "c50-alice", "c50-varied"]
             else:
                 kinds = ["c1", "c50"] + ([] if args.skip_bulk else ["bulk"])
             order = [n for n in names if n in running]

@@ -47,7 +47,14 @@ def tpproxy_bin() -> Path:
     return Path(found)
 
 
-def start_tpproxy(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
+def tpproxy_env(env: dict[str, str], pure: bool) -> dict[str, str]:
+    """TPPROXY_* settings from the caller's environment must not change what is measured;
+    `pure` runs the pure-Python hot path even where the compiled one is built."""
+    clean = {k: v for k, v in env.items() if not k.startswith("TPPROXY_")}
+    return {**clean, "TPPROXY_PURE": "1"} if pure else clean
+
+
+def start_tpproxy(bench: Bench, up: Ports, env: dict[str, str], pure: bool = False) -> Running:
     front = Ports(bench.port(), bench.port(), bench.port())
     argv = [str(tpproxy_bin()), "run"]
     for mine, theirs in zip(
@@ -55,12 +62,15 @@ def start_tpproxy(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
     ):
         argv += ["--forward", f"{mine}={HOST}:{theirs}"]
     argv += ["--listen-host", HOST, "--admin", "off", "--log-level", "warning"]
-    # TPPROXY_* settings from the caller's environment must not change what is measured.
-    clean = {k: v for k, v in env.items() if not k.startswith("TPPROXY_")}
-    sp = bench.spawn("tpproxy", argv, clean)
+    name = "tpproxy-pure" if pure else "tpproxy"
+    sp = bench.spawn(name, argv, tpproxy_env(env, pure))
     for port in (front.http, front.bulk, front.check):
-        wait_listening(port, sp.proc, "tpproxy", sp.log)
+        wait_listening(port, sp.proc, name, sp.log)
     return Running(front, sp.proc.pid)
+
+
+def start_tpproxy_pure(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
+    return start_tpproxy(bench, up, env, pure=True)
 
 
 def start_haproxy(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
@@ -120,6 +130,7 @@ def start_nginx_stream(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
 TCP_CONTENDERS = [
     Contender("direct", "baseline", start_direct),
     Contender("tpproxy", "subject", start_tpproxy),
+    Contender("tpproxy-pure", "subject", start_tpproxy_pure),
     Contender("haproxy", "peer", start_haproxy),
     Contender("nginx-stream", "peer", start_nginx_stream),
 ]
@@ -132,9 +143,12 @@ def start_direct_http(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
     return Running(up, None, routes=False)
 
 
-def start_tpproxy_http(parser: str) -> Callable[[Bench, Ports, dict[str, str]], Running]:
+def start_tpproxy_http(
+    parser: str, pure: bool = False
+) -> Callable[[Bench, Ports, dict[str, str]], Running]:
     def start(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
         name = "tpproxy" if parser == "httptools" else f"tpproxy-{parser}"
+        name += "-pure" if pure else ""
         port = bench.port()
         intercepts = bench.write(
             f"{name}-intercepts.yaml",
@@ -163,8 +177,7 @@ def start_tpproxy_http(parser: str) -> Callable[[Bench, Ports, dict[str, str]], 
             "--log-level",
             "warning",
         ]
-        clean = {k: v for k, v in env.items() if not k.startswith("TPPROXY_")}
-        sp = bench.spawn(name, argv, clean)
+        sp = bench.spawn(name, argv, tpproxy_env(env, pure))
         wait_listening(port, sp.proc, name, sp.log)
         return Running(Ports(port, 0, 0), sp.proc.pid, routes=True)
 
@@ -239,6 +252,7 @@ def start_nginx_http(bench: Bench, up: Ports, env: dict[str, str]) -> Running:
 HTTP_CONTENDERS = [
     Contender("direct", "baseline", start_direct_http),
     Contender("tpproxy", "subject", start_tpproxy_http("httptools")),
+    Contender("tpproxy-pure", "subject", start_tpproxy_http("httptools", pure=True)),
     Contender("tpproxy-h11", "subject", start_tpproxy_http("h11")),
     Contender("haproxy", "peer", start_haproxy_http),
     Contender("nginx-http", "peer", start_nginx_http),

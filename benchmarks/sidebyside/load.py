@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.sidebyside.common import HOST, BenchError
 
@@ -53,10 +54,18 @@ def parse_wrk(out: str) -> WrkResult:
     )
 
 
-def run_wrk(port: int, conns: int, duration: int, headers: Sequence[str] = ()) -> WrkResult:
+VARIED_SCRIPT = Path(__file__).with_name("varied.lua")
+
+
+def run_wrk(
+    port: int, conns: int, duration: int, headers: Sequence[str] = (), varied: bool = False
+) -> WrkResult:
+    """`varied`: every request different (benchmarks/sidebyside/varied.lua)."""
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency"]
     for h in headers:
         argv += ["-H", h]
+    if varied:
+        argv += ["-s", str(VARIED_SCRIPT)]
     argv.append(f"http://{HOST}:{port}/")
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)

@@ -47,7 +47,7 @@ def measure(
                     if args.mode == "http"
                     else (run.ports.http, [])
                 )
-                w = run_wrk(port, conns, args.duration, headers)
+                w = run_wrk(port, conns, args.duration, headers, varied=variant == "varied")
                 requests = w.requests
                 if conns == 1:
                     cell.values.update(

@@ -245,6 +245,14 @@ def http_summary(res: Results) -> list[str]:
         ratio = med(res.paired("tpproxy-h11", m, res.of("tpproxy", m), "/"))
         if ratio is not None:
             out.append(f"tpproxy CPU per request, h11 / httptools ({what}, c=50): {ratio:.2f}x")
+        ratio = med(res.paired("tpproxy", m, res.of("tpproxy-pure", m), "/"))
+        if ratio is not None:
+            out.append(
+                f"tpproxy CPU per request, compiled / pure hot path ({what}, c=50): {ratio:.2f}x"
+            )
+        ratio = med(res.paired("tpproxy", m, res.of("haproxy", m), "/"))
+        if ratio is not None:
+            out.append(f"tpproxy CPU per request / haproxy's ({what}, c=50): {ratio:.2f}x")
     cpus = []
     for name in res.names:
         c = med(res.series(name, "cpu_100k_alice"))
@@ -253,6 +261,19 @@ def http_summary(res: Results) -> list[str]:
             cpus.append(f"{name} {c:.2f}" + ("" if a is None else f" (added p50 c=1 {a:+.0f} us)"))
     if cpus:
         out.append("with x-dev: alice, CPU s/100k req at c=50: " + ", ".join(cpus))
+    varied = []
+    for name in res.names:
+        rps = med(res.series(name, "rps_c50_varied"))
+        cpu = med(res.series(name, "cpu_100k_varied"))
+        if rps is not None:
+            varied.append(
+                f"{name} {rps / 1e3:.1f}k req/s" + ("" if cpu is None else f", CPU {cpu:.2f}")
+            )
+    if varied:
+        out.append(
+            "varied load (wrk -s varied.lua: every request a different path, x-dev value, "
+            "extra headers; 1 in 8 a POST with a body), c=50, CPU s/100k req: " + "; ".join(varied)
+        )
     return out
 
 
@@ -281,6 +302,19 @@ def pkg_version(name: str) -> str:
         return "not installed"
 
 
+def hot_path_build() -> str:
+    """What `tpproxy` runs with the benchmark's environment (no TPPROXY_* variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPPROXY_")}
+    code = "import tpproxy.hotpath as h; print(h.BUILD)"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"
+
+
 def machine_info() -> str:
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -300,5 +334,6 @@ def machine_info() -> str:
             f"- python: {sys.version.split()[0]} ({sys.executable})",
             f"- uvloop: {pkg_version('uvloop')}, httptools: {pkg_version('httptools')}, "
             f"h11: {pkg_version('h11')}, tpproxy: {pkg_version('tpproxy')}",
+            f"- tpproxy hot path: {hot_path_build()} (contenders `*-pure`: TPPROXY_PURE=1)",
         ]
     )
