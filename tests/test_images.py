@@ -243,6 +243,9 @@ def test_content_hash_follows_every_file_of_the_context(tmp_path: Path) -> None:
     (tmp_path / "src/pkg/__pycache__/mod.cpython-311.pyc").write_bytes(b"\0")
     (tmp_path / "src/pkg.egg-info").mkdir()
     (tmp_path / "src/pkg.egg-info/PKG-INFO").write_text("x")
+    # Nor does the host's compiled hot path: the image installs the pure modules.
+    (tmp_path / "src/pkg/mod.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    (tmp_path / "src/pkg/hotpath.digest").write_text("0" * 64)
     assert img.content_hash(tmp_path, names) == first
 
     seen = {first}
@@ -265,6 +268,7 @@ def test_content_hash_follows_every_file_of_the_context(tmp_path: Path) -> None:
     img._stage(tmp_path, names, tmp_path / "staged")
     assert img.content_hash(tmp_path / "staged", names) == last
     assert not (tmp_path / "staged/src/pkg/__pycache__").exists()
+    assert not list((tmp_path / "staged/src/pkg").glob("*.so"))
 
 
 def test_buildah_sizes_are_parsed() -> None:

@@ -68,7 +68,9 @@ PRODUCT_CONTEXT = (
 PRODUCT_REQUIRED = ("Containerfile", "pyproject.toml", "README.md", "src")
 EXAMPLES_CONTEXT = ("Containerfile", "http_echo.py", "tcp_echo.py", "grpc_echo.py")
 SKIPPED_DIRS = ("__pycache__",)
-SKIPPED_SUFFIXES = (".pyc", ".egg-info")
+# The compiled hot path is the host's build (its Python, its compiler): the image runs the pure
+# modules, and a rebuilt `.so` must not change the image's content hash.
+SKIPPED_SUFFIXES = (".pyc", ".egg-info", ".so", "hotpath.digest")
 
 # Older artefacts of each kind that are kept (by mtime) besides the current one; the rest are
 # removed, or every source change would leave another 100 MB in the cache and buildah's store.
