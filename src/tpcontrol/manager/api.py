@@ -26,6 +26,14 @@ Endpoints (all JSON; errors are `{"error": ..., "code": ...}` with a 4xx status)
   GET    /v1/info                          the tunnel's port
   GET    /healthz
 
+Watches cost per change what the change touches (issue 15): each watch waits on an event of
+its own, subscribed to the state's topics its snapshot depends on (its session, and for an agent
+its workload), and a handler that changed the state sets only the events of the topics
+`ManagerState.changes()` names. A watch that wakes recomputes its snapshot and writes a line only
+if it differs from the last one it wrote, as before; the other watches stay asleep. A client's
+watch also looks again at each of its heartbeats, so that what it may see of the app's
+environment (a permission, not a state change) is re-checked as often as its intercepts are.
+
 Long on purpose: it is the whole HTTP API, a few lines per handler, with the endpoint table
 above as its map; who calls lives in `callers`, the browser guard in `browsers`, the rules in
 `state`.
@@ -202,9 +210,10 @@ class Manager:
             api, self.rollouts, untouchable=access.SYSTEM_NAMESPACES | {settings.namespace}
         )
         self.images = ImageResolver(settings.generator.agent_image, settings.image_resolver_url)
-        self.changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
-        self._version = -1
+        # The open watches' wake-up events by the topic they follow (see the module docstring).
+        self._watching: dict[st.Topic, set[asyncio.Event]] = {}
+        self.state.changes()  # starts the state's record of topics changed
         self.stopping = False
         self.callers = Callers(
             api, self.state, self.workloads, settings.namespace, settings.auth_mode
@@ -274,8 +283,9 @@ class Manager:
         """Stop watching and end every intercept stream (so the runner's cleanup need not wait)."""
         self.stopping = True
         self.tunnel.close()
-        async with self.changed:
-            self.changed.notify_all()
+        for events in self._watching.values():
+            for event in events:
+                event.set()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -289,13 +299,13 @@ class Manager:
             self.state.expire()
             self.state.check_waiting()
             self.tunnel.prune({i.id for i in self.state.all_intercepts()})
-            await self._wake()
+            self._wake()
 
-    async def _wake(self) -> None:
-        if self.state.version != self._version:
-            self._version = self.state.version
-            async with self.changed:
-                self.changed.notify_all()
+    def _wake(self, *also: st.Topic) -> None:
+        """Wake the watches of the topics changed since the last wake (and of `also`)."""
+        for topic in (*self.state.changes(), *also):
+            for event in self._watching.get(topic, ()):
+                event.set()
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -366,7 +376,7 @@ class Manager:
         info = await _body(request, st.ClientInfo)
         sid = self.state.arrive_client(info, identity.key)
         log.info("client %s arrived as %s", printable_host(info.name), identity.username)
-        await self._wake()
+        self._wake()
         return _json(SessionId(sid), 201)
 
     async def arrive_agent(self, request: web.Request) -> web.Response:
@@ -377,7 +387,7 @@ class Manager:
         if identity is not ANONYMOUS:
             info = await self.callers.verified_agent(identity, info)
         sid = self.state.arrive_agent(info, identity.key)
-        await self._wake()
+        self._wake()
         return _json(SessionId(sid), 201)
 
     async def remain(self, request: web.Request) -> web.Response:
@@ -385,6 +395,7 @@ class Manager:
         self.state.remain(sid)
         if not self.state.is_agent(sid) and identity is not ANONYMOUS:
             await self._reauthorize(sid, identity)
+            self._wake(st.session_topic(sid))  # its watches re-check what they may show
         return web.Response(status=204)
 
     async def _reauthorize(self, sid: str, identity: Identity) -> None:
@@ -408,12 +419,12 @@ class Manager:
             self.state.revoke(icept.id, why)
             revoked = True
         if revoked:
-            await self._wake()
+            self._wake()
 
     async def depart(self, request: web.Request) -> web.Response:
         sid, _ = await self.callers.session_identity(request)
         self.state.depart(sid)
-        await self._wake()
+        self._wake()
         return web.Response(status=204)
 
     # -- intercepts -------------------------------------------------------------------------------
@@ -483,13 +494,13 @@ class Manager:
             identity, access.get_workload(kind, body.namespace, body.workload)
         )
         intercept = self.state.create_intercept(sid, body)
-        await self._wake()
+        self._wake()
         return _json(intercept, 201)
 
     async def remove_intercept(self, request: web.Request) -> web.Response:
         sid, _ = await self.callers.session_identity(request)
         self.state.remove_intercept(sid, request.match_info["name"])
-        await self._wake()
+        self._wake()
         return web.Response(status=204)
 
     async def _snapshot(self, sid: str, identity: Identity) -> list[st.Intercept]:
@@ -509,6 +520,7 @@ class Manager:
 
     async def list_intercepts(self, request: web.Request) -> web.StreamResponse:
         sid, identity = await self.callers.session_identity(request)
+        version = self.state.version
         snapshot = await self._snapshot(sid, identity)
         if request.query.get("watch") not in ("1", "true"):
             return _json(snapshot)
@@ -520,41 +532,70 @@ class Manager:
             raise st.LimitExceeded(f"watches: the manager holds its limit ({MAX_WATCHES})")
         self.watches[sid] = self.watches.get(sid, 0) + 1
         try:
-            return await self._watch(request, sid, identity, snapshot)
+            return await self._watch(request, sid, identity, snapshot, version)
         finally:
             self.watches[sid] -= 1
             if not self.watches[sid]:
                 del self.watches[sid]
 
+    def _topics(self, sid: str) -> list[st.Topic]:
+        """What a session's snapshot depends on: the session, and an agent's workload."""
+        topics = [st.session_topic(sid)]
+        agent = self.state.agent_info(sid)
+        if agent is not None:
+            topics.append(st.workload_topic(agent.namespace, agent.name))
+        return topics
+
     async def _watch(
-        self, request: web.Request, sid: str, identity: Identity, snapshot: list[st.Intercept]
+        self,
+        request: web.Request,
+        sid: str,
+        identity: Identity,
+        snapshot: list[st.Intercept],
+        version: int,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
-        await response.prepare(request)
-        last: bytes | None = None
-        while not self.stopping:
-            line = msgspec.json.encode(snapshot) + b"\n"
-            if line != last:
-                try:
-                    await response.write(line)
-                except ConnectionResetError:  # the watcher went away (a client leaving)
+        """One JSON line per change of the snapshot. Woken by its own event only: set by the
+        changes of its topics, and kept set while a line is written, so no change is missed."""
+        woken = asyncio.Event()
+        topics = self._topics(sid)
+        for topic in topics:
+            self._watching.setdefault(topic, set()).add(woken)
+        if self.state.version != version:  # changed while the first snapshot was made
+            woken.set()
+        try:
+            response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+            await response.prepare(request)
+            last: bytes | None = None
+            while not self.stopping:
+                line = msgspec.json.encode(snapshot) + b"\n"
+                if line != last:
+                    try:
+                        await response.write(line)
+                    except ConnectionResetError:  # the watcher went away (a client leaving)
+                        break
+                    last = line
+                await woken.wait()
+                woken.clear()
+                if self.stopping:
                     break
-                last = line
-            async with self.changed:
-                await self.changed.wait()
-            if self.stopping:
-                break
-            try:
-                snapshot = await self._snapshot(sid, identity)
-            except st.StateError:
-                break  # the session is gone: end the stream
-        return response
+                try:
+                    snapshot = await self._snapshot(sid, identity)
+                except st.StateError:
+                    break  # the session is gone: end the stream
+            return response
+        finally:
+            for topic in topics:
+                events = self._watching.get(topic)
+                if events is not None:
+                    events.discard(woken)
+                    if not events:
+                        del self._watching[topic]
 
     async def review(self, request: web.Request) -> web.Response:
         sid, _ = await self.callers.session_identity(request)
         body = await _body(request, st.Review)
         self.state.review(sid, request.match_info["id"], body)
-        await self._wake()
+        self._wake()
         return web.Response(status=204)
 
     # -- cluster-wide operations --------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The traffic-manager's in-memory state: sessions, intercepts and the rules between them.
 
 Plain Python on purpose: no asyncio, no I/O, no Kubernetes. The manager service
-(`tpcontrol.manager.api`) calls these methods from its request handlers, compares `version` (or
-listens to `on_change`) to wake its watchers, and calls `expire()` and `check_waiting()` from a
-housekeeping loop. Keeping the rules here means they are tested with a fake clock, without an
-API server or a single sleep. Everything runs on the event loop's thread, so no locking.
+(`tpcontrol.manager.api`) calls these methods from its request handlers, asks `changes()` which
+watchers to wake (or compares `version`, or listens to `on_change`), and calls `expire()` and
+`check_waiting()` from a housekeeping loop. Keeping the rules here means they are tested with
+a fake clock, without an API server or a single sleep. Everything runs on the event loop's
+thread, so no locking.
 
 What the state keeps (spec 4.5 and 6, in our own JSON API):
 
@@ -77,7 +78,16 @@ Decisions where the spec is silent or where we differ from 2.6 on purpose:
   callers must not mutate their lists and dicts. Inputs are copied (and type-checked) on entry,
   so a caller keeping a reference to what it passed in cannot change the state.
 
-One module on purpose (about 900 lines, half of them this docstring and the checks): the rules
+Cost per change, not per manager (issue 15: 1,000 agents and 200 clients on one core): sessions
+and intercepts are also indexed by workload, by client session and by owner, so a call costs
+what it touches, not a scan of everything held; and each change names its *topics*, the
+watchers whose snapshot it can alter: `workload_topic(ns, name)` for the agents of a workload,
+`session_topic(sid)` for a client's own intercepts and for a session that ended. An intercept's
+change touches its workload and its client; a session's end touches that session. The manager
+wakes only the watchers of the topics `changes()` returns, instead of every watcher re-encoding
+its snapshot on every change.
+
+One module on purpose (about 1,000 lines, half of them this docstring and the checks): the rules
 between sessions, intercepts and reviews are one state machine whose invariants must be read
 together.
 """
@@ -91,7 +101,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -242,6 +252,19 @@ def _identity(session_id: str, info: AgentInfo) -> str:
     return f"pod:{info.pod_name}" if info.pod_name else f"session:{session_id}"
 
 
+Topic = tuple[str, str, str]  # which watchers a change concerns; see the module docstring
+
+
+def workload_topic(namespace: str, workload: str) -> Topic:
+    """The agents of a workload: its intercepts (any of them) changed."""
+    return ("workload", namespace, workload)
+
+
+def session_topic(session_id: str) -> Topic:
+    """One session: it ended, or (a client's) one of its own intercepts changed."""
+    return ("session", session_id, "")
+
+
 _S = TypeVar("_S", bound=msgspec.Struct)
 
 
@@ -376,7 +399,9 @@ class ManagerState:
 
     `clock` (monotonic seconds) drives TTLs and the NO_AGENT timeout; tests pass a fake one.
     `version` grows by one for every call that changed something; `on_change` (if set) is called
-    after such a call, when the state is consistent again.
+    after such a call, when the state is consistent again. `changes()` names the topics changed
+    since it was last called (the first call starts the record, so a state nobody asks keeps
+    none).
     """
 
     def __init__(
@@ -399,6 +424,15 @@ class ManagerState:
         self._dirty = False
         self._sessions: dict[str, _Session] = {}
         self._intercepts: dict[str, _Entry] = {}
+        # Indexes of the two above, kept by the few methods that add and remove (so that no
+        # call scans every session or intercept): dicts, so each keeps insertion order.
+        self._agents: dict[tuple[str, str], dict[str, AgentInfo]] = {}  # (ns, name) -> sid: info
+        self._by_workload: dict[tuple[str, str], dict[str, _Entry]] = {}  # (ns, workload) -> id
+        self._by_client: dict[str, dict[str, _Entry]] = {}  # client session -> id: entry
+        self._by_owner: dict[str, set[str]] = {}  # owner -> its live session ids
+        self._agent_count = 0
+        self._touched: set[Topic] = set()  # by the call in progress
+        self._changed: set[Topic] | None = None  # since the last `changes()`, once asked
 
     @property
     def version(self) -> int:
@@ -415,8 +449,24 @@ class ManagerState:
         if self._dirty:
             self._dirty = False
             self._version += 1
+            if self._changed is not None:
+                self._changed |= self._touched
+            self._touched.clear()
             if self.on_change is not None:
                 self.on_change()
+
+    def changes(self) -> set[Topic]:
+        """The topics changed since the previous call: whose watchers must look again. The
+        first call returns nothing and starts the record."""
+        taken, self._changed = self._changed or set(), set()
+        return taken
+
+    def _touch(self, entry: _Entry) -> None:
+        """An intercept changed, appeared or went: its workload's agents and its client see it."""
+        spec = entry.intercept.spec
+        self._touched.add(workload_topic(spec.namespace, spec.workload))
+        self._touched.add(session_topic(entry.intercept.client_session))
+        self._mark()
 
     def _set(self, entry: _Entry, **changes: object) -> None:
         """Replace the intercept with changed fields, marking a change only if one happened."""
@@ -424,7 +474,7 @@ class ManagerState:
         if all(getattr(current, k) == v for k, v in changes.items()):
             return
         entry.intercept = msgspec.structs.replace(current, **changes)
-        self._mark()
+        self._touch(entry)
 
     def _to_waiting(self, entry: _Entry, message: str) -> None:
         now = self.clock()
@@ -443,7 +493,7 @@ class ManagerState:
 
     def _new_session(self, info: ClientInfo | AgentInfo, owner: str) -> str:
         agent = isinstance(info, AgentInfo)
-        held = sum(1 for s in self._sessions.values() if s.is_agent == agent)
+        held = self._agent_count if agent else len(self._sessions) - self._agent_count
         limit = MAX_AGENT_SESSIONS if agent else MAX_SESSIONS
         if held >= limit:
             raise LimitExceeded(
@@ -451,7 +501,7 @@ class ManagerState:
                 f"({limit}); expired sessions are dropped after their TTL"
             )
         if owner:
-            mine = sum(1 for s in self._sessions.values() if s.owner == owner)
+            mine = len(self._by_owner.get(owner, ()))
             if mine >= MAX_SESSIONS_PER_OWNER:
                 raise LimitExceeded(
                     f"sessions per identity: this identity holds {mine}, the limit "
@@ -462,6 +512,10 @@ class ManagerState:
             if session_id not in self._sessions:
                 break
         self._sessions[session_id] = _Session(info, self.clock(), owner)
+        self._by_owner.setdefault(owner, set()).add(session_id)
+        if isinstance(info, AgentInfo):
+            self._agents.setdefault((info.namespace, info.name), {})[session_id] = info
+            self._agent_count += 1
         self._mark()
         return session_id
 
@@ -500,6 +554,11 @@ class ManagerState:
         """Whether `session_id` is a live agent session (False for clients and unknown ids)."""
         session = self._sessions.get(session_id)
         return session is not None and session.is_agent
+
+    def agent_info(self, session_id: str) -> AgentInfo | None:
+        """What a live agent session said of itself (None for clients and unknown ids)."""
+        session = self._sessions.get(session_id)
+        return session.info if session is not None and isinstance(session.info, AgentInfo) else None
 
     def owner(self, session_id: str) -> tuple[str, bool]:
         """The identity a live session is bound to, and whether it is an agent's."""
@@ -544,14 +603,16 @@ class ManagerState:
 
     def _drop_session(self, session_id: str, why: str) -> list[Intercept]:
         session = self._sessions.pop(session_id)
+        _discard(self._by_owner, session.owner, session_id)
+        self._touched.add(session_topic(session_id))
         self._mark()
         info = session.info
         if isinstance(info, AgentInfo):
+            _discard(self._agents, (info.namespace, info.name), session_id)
+            self._agent_count -= 1
             self._recheck(info.namespace, info.name, departed=True)
             return []
-        owned = [
-            iid for iid, e in self._intercepts.items() if e.intercept.client_session == session_id
-        ]
+        owned = list(self._by_client.get(session_id, ()))
         return [self._remove(iid, f"Removed: {why}") for iid in sorted(owned)]
 
     def _client(self, session_id: str) -> tuple[str, ClientInfo]:
@@ -571,13 +632,7 @@ class ManagerState:
         return session.info
 
     def _agent_sessions(self, namespace: str, workload: str) -> list[tuple[str, AgentInfo]]:
-        found = [
-            (sid, s.info)
-            for sid, s in self._sessions.items()
-            if isinstance(s.info, AgentInfo)
-            and s.info.namespace == namespace
-            and s.info.name == workload
-        ]
+        found = list(self._agents.get((namespace, workload), {}).items())
         found.sort(key=lambda pair: (pair[1].pod_name, pair[0]))
         return found
 
@@ -660,11 +715,8 @@ class ManagerState:
     # -- intercepts ---------------------------------------------------------------------------
 
     def _entries_of(self, namespace: str, workload: str) -> list[_Entry]:
-        return [
-            e
-            for e in self._intercepts.values()
-            if e.intercept.spec.namespace == namespace and e.intercept.spec.workload == workload
-        ]
+        """The workload's intercepts, in creation order (as `_intercepts` holds them)."""
+        return list(self._by_workload.get((namespace, workload), {}).values())
 
     def create_intercept(self, client_session: str, request: InterceptRequest) -> Intercept:
         """CreateIntercept: validate, refuse duplicates and conflicts, then WAITING.
@@ -679,7 +731,7 @@ class ManagerState:
         key = _rule_key(intercept_id, req) if req.mechanism == "http" else ()
         if intercept_id in self._intercepts:
             raise AlreadyExists(f"intercept {_q(intercept_id)} already exists")
-        mine = sum(1 for e in self._intercepts.values() if e.intercept.client_session == session_id)
+        mine = len(self._by_client.get(session_id, ()))
         if mine >= MAX_INTERCEPTS_PER_SESSION:
             raise LimitExceeded(
                 f"intercepts: this session has {mine}, the limit per session "
@@ -687,10 +739,8 @@ class ManagerState:
             )
         owner = self._sessions[session_id].owner
         if owner:
-            owned = {sid for sid, s in self._sessions.items() if s.owner == owner}
-            theirs = sum(
-                1 for e in self._intercepts.values() if e.intercept.client_session in owned
-            )
+            owned = self._by_owner.get(owner, set())
+            theirs = sum(len(self._by_client.get(sid, ())) for sid in owned)
             if theirs >= MAX_INTERCEPTS_PER_OWNER:
                 raise LimitExceeded(
                     f"intercepts per identity: this identity holds {theirs}, the limit "
@@ -714,7 +764,9 @@ class ManagerState:
             rule_key=key,
         )
         self._intercepts[intercept_id] = entry
-        self._mark()
+        self._by_workload.setdefault((req.namespace, req.workload), {})[intercept_id] = entry
+        self._by_client.setdefault(session_id, {})[intercept_id] = entry
+        self._touch(entry)
         self._recheck(req.namespace, req.workload)
         self._commit()
         return entry.intercept
@@ -742,7 +794,10 @@ class ManagerState:
 
     def _remove(self, intercept_id: str, message: str) -> Intercept:
         entry = self._intercepts.pop(intercept_id)
-        self._mark()
+        spec = entry.intercept.spec
+        _discard(self._by_workload, (spec.namespace, spec.workload), intercept_id)
+        _discard(self._by_client, entry.intercept.client_session, intercept_id)
+        self._touch(entry)
         return msgspec.structs.replace(entry.intercept, disposition="REMOVED", message=message)
 
     def remove_intercept(self, client_session: str, name: str) -> Intercept:
@@ -837,12 +892,7 @@ class ManagerState:
         """The client's own intercepts, sorted by id."""
         self._client(session_id)
         return sorted(
-            (
-                e.intercept
-                for e in self._intercepts.values()
-                if e.intercept.client_session == session_id
-            ),
-            key=_icept_id,
+            (e.intercept for e in self._by_client.get(session_id, {}).values()), key=_icept_id
         )
 
     def intercepts_for_agent(self, session_id: str) -> list[Intercept]:
@@ -892,6 +942,22 @@ class ManagerState:
                 )
             )
         return specs
+
+
+_K = TypeVar("_K")
+
+
+def _discard(index: dict[_K, Any], key: _K, item: str) -> None:
+    """Remove `item` from the set or dict at `index[key]`, and the key once it is empty."""
+    held = index.get(key)
+    if held is None:
+        return
+    if isinstance(held, set):
+        held.discard(item)
+    else:
+        held.pop(item, None)
+    if not held:
+        del index[key]
 
 
 def _by_id(entry: _Entry) -> str:
