@@ -333,12 +333,13 @@ class JoinedRelay(_Relay):
     """One side of two streams joined after their handshake (`tpproxy.tunnel.join`: the manager
     pairing an agent's and a client's stream, a client pairing a stream with its local port).
 
-    Here, not in `tunnel`, because the compiled hot path allows no interpreted subclass."""
+    Here, not in `tunnel`, because the compiled hot path allows no interpreted subclass.
+    `splice_after` (on the inbound side, which leads the pair) as for `ClientRelay`."""
 
     __slots__ = ("_inbound",)
 
-    def __init__(self, stats: TrafficStats, inbound: bool) -> None:
-        super().__init__(SPLICE_AFTER if inbound else 0)  # the inbound side leads the pair
+    def __init__(self, stats: TrafficStats, inbound: bool, splice_after: int = 0) -> None:
+        super().__init__(splice_after)
         self.stats = stats
         self._inbound = inbound
 
