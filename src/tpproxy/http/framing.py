@@ -188,12 +188,18 @@ def read_response_head(
         line = data[start:end].split(b"\r\n", 1)[0][:80].decode("latin-1")
         raise FramingError(f"malformed status line {line!r}")
     low = data[match.end() - 2 : end].lower()
-    lengths = _values(low, b"\r\ncontent-length:") if b"\r\ncontent-length:" in low else _NONE
+    # `find`, not `in`: bytes.__contains__ first tries its argument as an int, and formats (then
+    # drops) a TypeError for every bytes argument; that was 1% of the proxy's CPU.
+    lengths = (
+        _values(low, b"\r\ncontent-length:") if low.find(b"\r\ncontent-length:") >= 0 else _NONE
+    )
     encodings = (
-        _values(low, b"\r\ntransfer-encoding:") if b"\r\ntransfer-encoding:" in low else _NONE
+        _values(low, b"\r\ntransfer-encoding:")
+        if low.find(b"\r\ntransfer-encoding:") >= 0
+        else _NONE
     )
     close = keep_alive = False
-    if b"\r\nconnection:" in low:
+    if low.find(b"\r\nconnection:") >= 0:
         for value in _values(low, b"\r\nconnection:"):
             if value == b"keep-alive":
                 keep_alive = True

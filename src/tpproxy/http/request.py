@@ -92,7 +92,9 @@ def precheck_head(head: bytes) -> tuple[str, str, bool]:
     crlf = head.count(b"\r\n")
     if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
         raise BadRequest(400, "malformed request: a bare CR or LF in the head")
-    if b"\r\n " in head or b"\r\n\t" in head:
+    if (
+        head.find(b"\r\n ") >= 0 or head.find(b"\r\n\t") >= 0
+    ):  # `in` costs a TypeError (see framing)
         raise BadRequest(400, "malformed request: obsolete line folding in a header")
     control = _CONTROL.search(head, line.end())
     if control is not None:
