@@ -233,6 +233,11 @@ def _group() -> list[Json]:
     return [{"kind": "Group", "name": DEV_GROUP, "apiGroup": "rbac.authorization.k8s.io"}]
 
 
+def prepare_body(namespace: str, workload: str) -> dict[str, str]:
+    """A PrepareIntercept request for the workload's `http` port."""
+    return {"workload": workload, "namespace": namespace, "port": "http", "mechanism": "http"}
+
+
 async def make_cluster(kube: Kube, args: argparse.Namespace) -> tuple[list[Workload], list[str]]:
     """Namespaces, RBAC, workloads with their pods, and every token: (workloads, dev tokens)."""
     namespaces = [f"bench-{i}" for i in range(args.namespaces)]
@@ -720,12 +725,7 @@ async def _phases(
 
         async def prepare(i: int) -> None:
             w = workloads[i]
-            body = {
-                "workload": w.name,
-                "namespace": w.namespace,
-                "port": "http",
-                "mechanism": "http",
-            }
+            body = prepare_body(w.namespace, w.name)
             status, answer = await devs[i % len(devs)].call("POST", "/v1/prepare", body)
             if status != 200:
                 raise RuntimeError(f"prepare {w.namespace}/{w.name}: {status} {answer}")
@@ -788,12 +788,7 @@ async def _phases(
 
         async def prepare_one(i: int) -> None:
             w = targets[i]
-            body = {
-                "workload": w.name,
-                "namespace": w.namespace,
-                "port": "http",
-                "mechanism": "http",
-            }
+            body = prepare_body(w.namespace, w.name)
             begun = time.perf_counter()
             status, answer = await owners[i].call("POST", "/v1/prepare", body)
             prepare_latency.append(time.perf_counter() - begun)
