@@ -71,11 +71,12 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
 
 
 def _choose() -> str:
+    built = _built_digest()
     if os.environ.get(PURE_ENV):
         reason = f"pure Python ({PURE_ENV} is set)"
-    elif not _built_digest():
+    elif not built:
         reason = "pure Python (not compiled: ./dev setup builds it with a C compiler)"
-    elif _built_digest() != sources_digest():
+    elif built != sources_digest():
         reason = "pure Python (the compiled build is older than the sources: ./dev setup)"
     else:
         return "compiled (mypyc)"
